@@ -1,0 +1,48 @@
+"""Dependencies shared by the routers, defined once as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..auth import Principal
+from ..context import Context
+from ..errors import Forbidden, Unauthorized
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An admin or client API key, sent as `Authorization: Bearer <key>`.",
+)
+
+
+def get_context(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def get_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized()
+    found = get_context(request).keystore.lookup(credentials.credentials)
+    if found is None:
+        raise Unauthorized("The API key is not valid (or has been revoked).")
+    request.state.principal = found
+    return found
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("This operation needs an admin API key.")
+    return principal
+
+
+Ctx = Annotated[Context, Depends(get_context)]
+Caller = Annotated[Principal, Depends(get_principal)]
+Admin = Annotated[Principal, Depends(get_admin)]
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size (at most 500)")]
+Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Items to skip")]

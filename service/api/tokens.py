@@ -1,0 +1,49 @@
+"""``GET /accounts/{id}/token``: the waiting path. Cache hits are answered by ``fastpath.py``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from ..errors import AccountNotFound
+from ..schemas import Problem, TokenOut
+from .deps import Caller, Ctx
+
+router = APIRouter(tags=["tokens"])
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+@router.get(
+    "/accounts/{account_id}/token",
+    response_model=TokenOut,
+    summary="Get a valid access token for an account",
+    description=(
+        "`account_id` may be `default`. Served from memory while the token has more than the refresh "
+        "margin left; otherwise the caller waits for the one refresh in flight. `min_ttl` asks for at "
+        "least that many seconds of validity (a fresh token is returned even if Azure's lifetime is shorter)."
+    ),
+    responses={
+        401: {"model": Problem, "description": "Missing or invalid API key"},
+        404: {"model": Problem, "description": "account_not_found (or outside the key's scope)"},
+        409: {"model": Problem, "description": "needs_authorization or invalid_credentials: a person must act"},
+        503: {"model": Problem, "description": "upstream_unavailable: retry after Retry-After seconds"},
+    },
+)
+async def get_token(
+    account_id: str,
+    ctx: Ctx,
+    caller: Caller,
+    min_ttl: Annotated[int, Query(ge=0, le=3600, description="Seconds of validity required")] = 0,
+) -> Response:
+    broker = ctx.broker
+    resolved = await broker.resolve(account_id) if account_id == "default" else account_id
+    if not caller.may_use(resolved):
+        # Answer exactly as for a missing account, after the same database look-up.
+        await broker.exists(resolved)
+        raise AccountNotFound(resolved)
+    entry = await broker.get_token(resolved, min_ttl=min_ttl)
+    return Response(
+        entry.body(broker.now()), media_type="application/json", headers=NO_STORE
+    )

@@ -1,0 +1,130 @@
+"""``create_app(settings)``: wiring only. The lifespan builds the long-lived objects and closes them.
+
+Start-up refuses to serve (``ConfigurationError``) when the schema is behind, a key is missing or
+wrong, or the settings disagree, with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+
+from . import background, bootstrap
+from .accounts import AccountService
+from .api import accounts, health, keys, problems, tokens
+from .api.fastpath import TokenFastPath
+from .api.middleware import AccessLog, BodyLimit
+from .auth import KeyStore
+from .azure_ad import AzureADClient
+from .broker import TokenBroker
+from .context import Context
+from .db import create_engine, create_sessionmaker
+from .keys import KeyService
+from .metrics import Metrics
+from .outbound import OutboundPolicy
+from .settings import Settings
+
+log = logging.getLogger("service.app")
+
+DESCRIPTION = """Keeps OAuth integration accounts for Microsoft Dynamics 365 and hands internal
+services a valid access token on `GET /accounts/{id}/token`.
+
+Press **Authorize** and paste an admin API key (on the embedded default it is in `./var/admin.key`).
+"""
+
+
+async def build_context(settings: Settings) -> Context:
+    keyring = bootstrap.load_keyring(settings)
+    keystore = KeyStore(
+        admin_keys=bootstrap.load_admin_keys(settings), client_keys=settings.secret_list(settings.client_keys)
+    )
+    engine = create_engine(settings)
+    try:
+        await bootstrap.check_schema(engine)
+        sessions = create_sessionmaker(engine)
+        await bootstrap.check_keys(sessions, keyring)
+    except BaseException:
+        await engine.dispose()
+        raise
+    policy = OutboundPolicy(settings.allowed_host_list, settings.allow_http)
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.idp_timeout_seconds),
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        trust_env=False,
+    )
+    metrics = Metrics()
+    azure = AzureADClient(http, policy, timeout=settings.idp_timeout_seconds)
+    broker = TokenBroker(sessions=sessions, azure=azure, keyring=keyring, settings=settings, metrics=metrics)
+    return Context(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        keyring=keyring,
+        keystore=keystore,
+        policy=policy,
+        http=http,
+        azure=azure,
+        metrics=metrics,
+        broker=broker,
+        accounts=AccountService(sessions=sessions, keyring=keyring, policy=policy, broker=broker),
+        keys=KeyService(sessions=sessions, keystore=keystore),
+    )
+
+
+async def close_context(ctx: Context, tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await ctx.broker.close()
+    await ctx.http.aclose()
+    await ctx.engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = await build_context(settings)
+        await background.sync_once(ctx)
+        app.state.ctx = ctx
+        tasks = background.start(ctx)
+        try:
+            yield
+        finally:
+            ctx.extras["draining"] = True
+            await close_context(ctx, tasks)
+            app.state.ctx = None
+
+    app = FastAPIOffline(
+        title="Dynamics Token Broker",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url="/docs/static",
+        redoc_url=None,
+        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+    )
+    app.state.ctx = None
+    problems.install(app)
+    for router in (accounts.router, tokens.router, keys.router, health.router):
+        app.include_router(router)
+    return app
+
+
+def create_asgi(settings: Settings | None = None) -> TokenFastPath:
+    """The served application: the token fast path in front of the access log and FastAPI."""
+    settings = settings or Settings()
+    app = create_app(settings)
+    inner = AccessLog(BodyLimit(app, settings.max_body_bytes))
+    return TokenFastPath(inner, lambda: app.state.ctx)
+
+
+__all__ = ["FastAPI", "create_app", "create_asgi"]

@@ -1,0 +1,515 @@
+"""The token cache and the single-flight refresher. No FastAPI here.
+
+Invariants:
+* A token with less than ``min_token_ttl`` left is never handed out; a token with more than the
+  (jittered) margin left is served from memory; in between it is served and one background
+  refresh starts (stale-while-revalidate).
+* One refresh per account at a time **per process**: the task is registered in ``_inflight``
+  before any await, callers wait on it through ``asyncio.shield`` (a caller that goes away cannot
+  cancel it), its result or error reaches every waiter, and it removes itself when done. Errors
+  are never cached as tokens.
+* Across replicas the database coordinates: a refresh locks the account's token row
+  (``SELECT ... FOR UPDATE``), re-reads it, and calls Azure only if the stored token still needs
+  refreshing. The rotated refresh token and the new access token are committed together before
+  any caller sees the token; Azure is never called unless the row lock was taken (so the result
+  can be stored).
+* After a transient failure the account waits (``next_attempt_at``, stored so every replica
+  honours it, and Azure's ``Retry-After`` when given) before Azure is asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from . import repository as repo
+from . import sealing
+from .azure_ad import AzureADClient, ClientCredentials, TokenGrant
+from .crypto import DecryptionError, Keyring
+from .errors import (
+    AccountNotFound,
+    ActionRequired,
+    InvalidCredentials,
+    NeedsAuthorization,
+    StorageUnavailable,
+    Unavailable,
+    UpstreamUnavailable,
+)
+from .metrics import Metrics
+from .models import Account, AccountState
+from .settings import Settings
+
+log = logging.getLogger("service.broker")
+
+READY = "ready"
+NEEDS_AUTHORIZATION = "needs_authorization"
+INVALID_CREDENTIALS = "invalid_credentials"
+FAILING = "failing"
+
+
+@dataclass(eq=False)
+class CachedToken:
+    """One account's access token, with its response body encoded once (all but expires_in)."""
+
+    account_id: str
+    access_token: str = field(repr=False)
+    expires_at: float
+    refresh_at: float
+    version: int
+    api_url: str
+    obtained_at: float
+    prefix: bytes = field(repr=False, default=b"")
+    suffix: bytes = field(repr=False, default=b"")
+
+    def __post_init__(self) -> None:
+        expires = datetime.fromtimestamp(self.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.prefix = (
+            b'{"access_token":' + json.dumps(self.access_token).encode() + b',"token_type":"Bearer","expires_in":'
+        )
+        self.suffix = (
+            f',"expires_at":"{expires}","api_url":{json.dumps(self.api_url)},'
+            f'"account_id":{json.dumps(self.account_id)}}}'
+        ).encode()
+
+    def body(self, now: float) -> bytes:
+        return self.prefix + str(int(self.expires_at - now)).encode() + self.suffix
+
+
+StatusListener = Callable[[str, str, str, dict[str, Any]], None]
+
+
+class TokenBroker:
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        azure: AzureADClient,
+        keyring: Keyring,
+        settings: Settings,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._sessions = sessions
+        self._azure = azure
+        self._keyring = keyring
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng
+        self.cache: dict[str, CachedToken] = {}
+        self.default_account_id: str | None = None
+        self._inflight: dict[str, asyncio.Task[CachedToken]] = {}
+        self._not_before: dict[str, tuple[float, Unavailable]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.status_listeners: list[StatusListener] = []
+        self._closed = False
+
+    # -- the hot path ---------------------------------------------------------------------------
+
+    def peek(self, account_id: str, need: float) -> CachedToken | None:
+        """A cached token with at least ``need`` seconds left, or None. No I/O, no awaits."""
+        entry = self.cache.get(account_id)
+        if entry is None:
+            return None
+        now = self._clock()
+        if entry.expires_at - now < need:
+            return None
+        if now >= entry.refresh_at:
+            self._metrics.stale_served.inc()
+            self.refresh_in_background(account_id)
+        else:
+            self._metrics.hit.inc()
+        return entry
+
+    def now(self) -> float:
+        return self._clock()
+
+    async def exists(self, account_id: str) -> bool:
+        async with self._session() as session:
+            return await repo.get_account(session, account_id) is not None
+
+    def need_for(self, min_ttl: float) -> float:
+        return max(float(self._settings.min_token_ttl_seconds), min_ttl)
+
+    # -- the waiting path -----------------------------------------------------------------------
+
+    async def resolve(self, account_id: str) -> str:
+        if account_id != "default":
+            return account_id
+        async with self._session() as session:
+            found = await repo.default_account_id(session)
+        if found is None:
+            raise AccountNotFound("default")
+        return found
+
+    async def get_token(self, account_id: str, *, min_ttl: float = 0) -> CachedToken:
+        """A token with at least max(min_token_ttl, min_ttl) left, refreshing if needed."""
+        need = self.need_for(min_ttl)
+        entry = self.peek(account_id, need)
+        if entry is not None:
+            return entry
+        started = self._clock()
+        entry = await self._wait(account_id, need)
+        # A refresh that finished for a caller needing less may not satisfy this one; one
+        # more round asks Azure. A token fetched after we arrived is returned as it is, even
+        # when Azure's lifetime is shorter than min_ttl (asking again would not help).
+        if entry.expires_at - self._clock() < need and entry.obtained_at < started:
+            entry = await self._wait(account_id, need)
+        return entry
+
+    async def _wait(self, account_id: str, need: float) -> CachedToken:
+        task = self._inflight.get(account_id)
+        if task is None:
+            task = self._start(account_id, self._obtain(account_id, need))
+        self._metrics.refresh_waiters.inc()
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout=self._settings.max_wait_seconds)
+        except TimeoutError:
+            raise UpstreamUnavailable(
+                "Getting a token took longer than the broker lets a caller wait; try again.",
+                retry_after=2,
+                reason="timeout",
+            ) from None
+        finally:
+            self._metrics.refresh_waiters.dec()
+
+    def _start(self, account_id: str, work: Any) -> asyncio.Task[CachedToken]:
+        # Registered before the coroutine first runs (no await in between): concurrent
+        # callers in this process find it and wait on it instead of starting another.
+        task: asyncio.Task[CachedToken] = asyncio.get_running_loop().create_task(work)
+        self._inflight[account_id] = task
+        self._metrics.refreshes_in_flight.inc()
+
+        def _done(t: asyncio.Task[CachedToken]) -> None:
+            if self._inflight.get(account_id) is t:
+                del self._inflight[account_id]
+            self._metrics.refreshes_in_flight.dec()
+            if not t.cancelled():
+                t.exception()  # retrieved here so an unawaited failure is not reported twice
+
+        task.add_done_callback(_done)
+        return task
+
+    def refresh_in_background(self, account_id: str) -> None:
+        if self._closed or account_id in self._inflight:
+            return
+        backoff = self._not_before.get(account_id)
+        if backoff is not None and self._clock() < backoff[0]:
+            return
+        margin = float(self._settings.refresh_margin_seconds)
+        self._start(account_id, self._obtain(account_id, margin))
+
+    async def keepalive(self, account_id: str, *, refreshed_before: datetime) -> None:
+        """Refresh an idle account so its refresh token does not expire from disuse."""
+        if account_id in self._inflight:
+            return
+        task = self._start(account_id, self._refresh_locked(account_id, float("inf"), refreshed_before))
+        await asyncio.shield(task)
+
+    async def _obtain(self, account_id: str, need: float) -> CachedToken:
+        backoff = self._not_before.get(account_id)
+        if backoff is not None:
+            until, error = backoff
+            if self._clock() < until:
+                raise type(error)(error.detail, retry_after=until - self._clock(), reason=error.reason)
+        async with self._session() as session:
+            row = await repo.get_account(session, account_id)
+        if row is None:
+            self.forget(account_id)
+            raise AccountNotFound(account_id)
+        entry = self._from_row(*row)
+        if entry is not None and entry.expires_at - self._clock() >= need:
+            self._store(entry)
+            self._metrics.token_requests.labels("loaded").inc()
+            return entry
+        return await self._refresh_locked(account_id, need, None)
+
+    async def _refresh_locked(
+        self, account_id: str, need: float, refreshed_before: datetime | None
+    ) -> CachedToken:
+        async with self._session() as session, session.begin():
+            waited = time.perf_counter()
+            row = await repo.lock_account_state(session, account_id)
+            self._metrics.lock_wait.observe(time.perf_counter() - waited)
+            if row is None:
+                self.forget(account_id)
+                raise AccountNotFound(account_id)
+            account, state = row
+            entry = self._from_row(account, state)
+            if refreshed_before is not None:
+                if state.last_refreshed_at is not None and state.last_refreshed_at >= refreshed_before:
+                    if entry is not None:
+                        self._store(entry)
+                        return entry
+                    need = self.need_for(0)
+            elif entry is not None and entry.expires_at - self._clock() >= need:
+                # Another replica refreshed while we waited for the lock.
+                self._store(entry)
+                self._metrics.token_requests.labels("loaded").inc()
+                return entry
+            self._refuse_if_blocked(state)
+            grant = await self._call_azure(session, account, state)
+            entry = await self._save_grant(session, account, state, grant)
+        self._store(entry)
+        self._not_before.pop(account_id, None)
+        self._metrics.token_requests.labels("refreshed").inc()
+        return entry
+
+    def _refuse_if_blocked(self, state: AccountState) -> None:
+        now = repo.utcnow()
+        if state.next_attempt_at is not None and state.next_attempt_at > now:
+            wait = (state.next_attempt_at - now).total_seconds()
+            raise UpstreamUnavailable(
+                f"Azure AD failed recently ({state.last_error_code or 'error'}); the broker waits "
+                "before asking again.",
+                retry_after=wait,
+                reason="backoff",
+            )
+        # A person must act first; asking Azure again with the same credentials cannot help.
+        if state.status == NEEDS_AUTHORIZATION and state.last_error_code:
+            raise NeedsAuthorization(_action_text(state), idp_code=state.last_error_code)
+        if state.status == INVALID_CREDENTIALS and state.last_error_code:
+            raise InvalidCredentials(_action_text(state), idp_code=state.last_error_code)
+
+    async def _call_azure(self, session: AsyncSession, account: Account, state: AccountState) -> TokenGrant:
+        creds = self._credentials(account)
+        grant_type = state.grant_type
+        refresh_token = ""
+        if grant_type == "authorization_code":
+            refresh_token = self._unseal(sealing.REFRESH_TOKEN, account.id, account.refresh_token) or ""
+            if not refresh_token:
+                await self._record_failure(
+                    session,
+                    account.id,
+                    state,
+                    NeedsAuthorization(
+                        "The account has no refresh token yet: authorize it "
+                        f"(POST /accounts/{account.id}/authorize) or paste a code."
+                    ),
+                )
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            if grant_type == "client_credentials":
+                return await self._azure.client_credentials(creds)
+            return await self._azure.refresh(creds, refresh_token)
+        except (ActionRequired, UpstreamUnavailable) as exc:
+            outcome = exc.code if isinstance(exc, ActionRequired) else exc.reason
+            await self._record_failure(session, account.id, state, exc)
+            raise  # unreachable: _record_failure raises; kept for the type checker
+        finally:
+            self._metrics.idp_requests.labels(grant_type, outcome).inc()
+            self._metrics.idp_latency.labels(grant_type).observe(time.perf_counter() - started)
+
+    async def _record_failure(
+        self, session: AsyncSession, account_id: str, state: AccountState, exc: ActionRequired | Unavailable
+    ) -> None:
+        """Store what went wrong (committed even though the caller gets an error), then raise it."""
+        now = repo.utcnow()
+        values: dict[str, Any] = {"last_error_at": now}
+        if isinstance(exc, ActionRequired):
+            status = NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else INVALID_CREDENTIALS
+            values |= {
+                "status": status,
+                "last_error_code": exc.idp_code or exc.code,
+                "last_error_message": (exc.idp_message or exc.detail)[:1024],
+                "next_attempt_at": None,
+            }
+        else:
+            failures = state.failures + 1
+            delay = self._backoff(failures, exc.retry_after if exc.reason == "throttled" else 0.0)
+            status = FAILING
+            values |= {
+                "status": status,
+                "failures": failures,
+                "last_error_code": exc.reason,
+                "last_error_message": exc.detail[:1024],
+                "next_attempt_at": repo.from_epoch(self._clock() + delay),
+            }
+            self._not_before[state.account_id] = (self._clock() + delay, exc)
+        await repo.update_state(session, account_id, values)
+        detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
+        await repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
+        if status != state.status:
+            await repo.add_event(
+                session,
+                account_id=account_id,
+                kind="status_changed",
+                detail={"from": state.status, "to": status, "code": values["last_error_code"]},
+            )
+        await session.commit()
+        if status != state.status:
+            self._notify(account_id, state.status, status, detail)
+        raise exc
+
+    def _backoff(self, failures: int, retry_after: float) -> float:
+        base = self._settings.backoff_base_seconds * (2 ** min(failures - 1, 16))
+        jittered = min(self._settings.backoff_max_seconds, base) * (0.5 + self._rng() / 2)
+        return max(retry_after, jittered)
+
+    async def _save_grant(
+        self, session: AsyncSession, account: Account, state: AccountState, grant: TokenGrant
+    ) -> CachedToken:
+        now = self._clock()
+        if grant.expires_at - now < self._settings.min_token_ttl_seconds:
+            await self._record_failure(
+                session,
+                account.id,
+                state,
+                UpstreamUnavailable(
+                    "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
+                ),
+            )
+        version = account.version or 0
+        if grant.refresh_token:
+            sealed = sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
+            await repo.update_account_columns(session, account.id, {"refresh_token": sealed}, expected_version=None)
+            version += 1
+        stamp = repo.utcnow()
+        await repo.update_state(
+            session,
+            account.id,
+            {
+                "access_token": sealing.seal(self._keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token),
+                "token_expires_at": repo.from_epoch(grant.expires_at),
+                "last_refreshed_at": stamp,
+                "status": READY,
+                "last_error_code": None,
+                "last_error_message": None,
+                "next_attempt_at": None,
+                "failures": 0,
+            },
+        )
+        await repo.add_event(
+            session,
+            account_id=account.id,
+            kind="token_refreshed",
+            detail={"expires_at": repo.from_epoch(grant.expires_at).isoformat() + "Z",
+                    "refresh_token_rotated": bool(grant.refresh_token)},
+        )
+        if state.status != READY:
+            await repo.add_event(
+                session, account_id=account.id, kind="status_changed", detail={"from": state.status, "to": READY}
+            )
+            self._notify(account.id, state.status, READY, {})
+        return self._entry(account.id, grant.access_token, grant.expires_at, version, account.api_url, now)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _entry(
+        self, account_id: str, token: str, expires_at: float, version: int, api_url: str, obtained: float
+    ) -> CachedToken:
+        margin = self._settings.refresh_margin_seconds * (1 - self._rng() / 5)
+        return CachedToken(account_id, token, expires_at, expires_at - margin, version, api_url, obtained)
+
+    def _from_row(self, account: Account, state: AccountState) -> CachedToken | None:
+        if not state.access_token or state.token_expires_at is None:
+            return None
+        try:
+            token = self._unseal(sealing.ACCESS_TOKEN, account.id, state.access_token)
+        except StorageUnavailable:
+            return None
+        obtained = repo.to_epoch(state.last_refreshed_at) if state.last_refreshed_at else 0.0
+        expires = repo.to_epoch(state.token_expires_at)
+        return self._entry(account.id, token or "", expires, account.version or 0, account.api_url, obtained)
+
+    def _credentials(self, account: Account) -> ClientCredentials:
+        return ClientCredentials(
+            tenant_id=account.tenant_id,
+            client_id=account.client_id,
+            client_secret=self._unseal(sealing.CLIENT_SECRET, account.id, account.client_secret),
+            token_url=account.token_url,
+            authorization_url=account.authorization_url,
+            api_url=account.api_url,
+        )
+
+    def _unseal(self, column: str, row_id: str, stored: str | None) -> str | None:
+        try:
+            return sealing.unseal(self._keyring, column, row_id, stored)
+        except DecryptionError as exc:
+            log.error("cannot decrypt stored secret", extra={"account_id": row_id, "reason": str(exc)})
+            raise StorageUnavailable(
+                f"A stored secret of this account cannot be decrypted (key id {exc.key_id}); "
+                "check BROKER_ENCRYPTION_KEYS.",
+                reason="decryption_failed",
+            ) from None
+
+    def _store(self, entry: CachedToken) -> None:
+        current = self.cache.get(entry.account_id)
+        if current is None or current.expires_at <= entry.expires_at or current.version < entry.version:
+            self.cache[entry.account_id] = entry
+        self._metrics.cache_size.set(len(self.cache))
+
+    def _notify(self, account_id: str, old: str, new: str, detail: dict[str, Any]) -> None:
+        for listener in self.status_listeners:
+            listener(account_id, old, new, detail)
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._sessions() as session:
+                yield session
+        except DBAPIError as exc:
+            if _is_lock_timeout(exc):
+                raise UpstreamUnavailable(
+                    "Another replica is still refreshing this account's token; try again.",
+                    retry_after=1,
+                    reason="lock_timeout",
+                ) from None
+            raise StorageUnavailable("The database cannot be reached.", reason="database") from None
+        except SQLAlchemyError:
+            raise StorageUnavailable("The database cannot be reached.", reason="database") from None
+
+    # -- invalidation (admin changes, other replicas) -----------------------------------------
+
+    def forget(self, account_id: str) -> None:
+        self.cache.pop(account_id, None)
+        self._not_before.pop(account_id, None)
+        self._metrics.cache_size.set(len(self.cache))
+
+    def apply_versions(self, versions: list[tuple[str, int, bool]]) -> None:
+        """Drop cached tokens of accounts deleted or changed elsewhere; learn the default."""
+        known = {account_id: version for account_id, version, _ in versions}
+        for account_id, entry in list(self.cache.items()):
+            if known.get(account_id, -1) != entry.version:
+                self.forget(account_id)
+        self.default_account_id = next((a for a, _, d in versions if d), None)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._inflight.values())
+        if tasks:
+            # A refresh that has reached Azure is allowed to finish and commit (its rotated
+            # refresh token must be stored); the shutdown timeout bounds the wait.
+            await asyncio.wait(tasks, timeout=self._settings.shutdown_timeout_seconds / 2)
+            for task in tasks:
+                task.cancel()
+
+
+def _is_lock_timeout(exc: DBAPIError) -> bool:
+    code = getattr(exc.orig, "args", [None])[0]
+    return code in (1205, 3572) or "locked" in str(exc.orig).lower()
+
+
+def _action_text(state: AccountState) -> str:
+    if state.status == NEEDS_AUTHORIZATION:
+        return (
+            f"Azure AD refused this account's refresh token ({state.last_error_code}): "
+            f"authorize it again (POST /accounts/{state.account_id}/authorize)."
+        )
+    return (
+        f"Azure AD rejected this account's client credentials ({state.last_error_code}): "
+        "fix client_id or client_secret (PATCH the account)."
+    )

@@ -1,0 +1,150 @@
+"""``token-broker serve | migrate | rotate-keys | generate-key``.
+
+``serve`` exits with status 0 after a graceful stop on SIGTERM or SIGINT: uvicorn's own signal
+handling re-raises the signal after shutting down (a non-zero exit to Kubernetes), so the
+server's signal capture is replaced by handlers that only ask it to exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from . import logconfig
+from .crypto import generate_key
+from .errors import ConfigurationError
+from .settings import Settings
+
+log = logging.getLogger("service.cli")
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _stop(self) -> None:
+        log.info("shutting down")
+        self.should_exit = True
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v}
+    return Settings(**overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .app import create_asgi
+
+    settings = _settings(args)
+    logconfig.configure(settings.log_level)
+    config = uvicorn.Config(
+        create_asgi(settings),
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
+        timeout_keep_alive=5,
+    )
+    server = _Server(config)
+    asyncio.run(server.serve())
+    if not server.started:
+        log.error("refusing to serve: start-up failed (see the error above)")
+        return 1
+    return 0
+
+
+def migrate(args: argparse.Namespace) -> int:
+    from . import migrate as migrations
+
+    settings = Settings()
+    logconfig.configure(settings.log_level)
+    from .db import sqlite_path
+
+    path = sqlite_path(settings.database_url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    asyncio.run(migrations.upgrade(settings.database_url, args.revision))
+    log.info("database migrated", extra={"revision": args.revision})
+    return 0
+
+
+def rotate_keys(_args: argparse.Namespace) -> int:
+    from .bootstrap import check_schema, load_keyring
+    from .db import create_engine, create_sessionmaker
+    from .rotation import rotate_all
+
+    settings = Settings()
+    logconfig.configure(settings.log_level)
+
+    async def run() -> int:
+        keyring = load_keyring(settings)
+        engine = create_engine(settings)
+        try:
+            await check_schema(engine)
+            report = await rotate_all(create_sessionmaker(engine), keyring)
+        finally:
+            await engine.dispose()
+        print(
+            f"re-encrypted {report.values} values in {report.accounts} accounts and {report.pending} pending "
+            f"authorizations with key id {keyring.primary_key_id}"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def generate(_args: argparse.Namespace) -> int:
+    print("# a new encryption key; put it first in BROKER_ENCRYPTION_KEYS, keep the old ones after it")
+    print(generate_key())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="token-broker", description="Dynamics Token Broker")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve the API (settings from BROKER_* variables)")
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_serve.set_defaults(func=serve)
+    p_migrate = sub.add_parser("migrate", help="upgrade the database schema")
+    p_migrate.add_argument("--revision", default="head")
+    p_migrate.set_defaults(func=migrate)
+    sub.add_parser("rotate-keys", help="re-encrypt every stored secret with the first key").set_defaults(
+        func=rotate_keys
+    )
+    sub.add_parser("generate-key", help="print a new encryption key").set_defaults(func=generate)
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"BROKER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"token-broker: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except ConfigurationError as exc:
+        print(f"token-broker: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Engine and session factories: SQLite (embedded, one process) or MySQL/MariaDB (replicas).
+
+Built by the app's lifespan from its settings, never at import time. MySQL sessions run at
+READ COMMITTED with a bounded lock wait, so a refresh that locks an account's token row and
+re-reads it sees what another replica committed, and never waits on a lock forever.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from .settings import Settings
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL, or None for memory/other databases."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    url = settings.database_url
+    if settings.is_sqlite:
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": settings.lock_wait_seconds})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        return engine
+    engine = create_async_engine(
+        url,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=settings.lock_wait_seconds,
+        isolation_level="READ COMMITTED",
+        connect_args={"connect_timeout": 5},
+    )
+    lock_wait = int(settings.lock_wait_seconds)
+
+    def _mysql_session(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f"SET SESSION innodb_lock_wait_timeout = {lock_wait}")
+        cur.close()
+
+    event.listen(engine.sync_engine, "connect", _mysql_session)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Take transaction control from the driver (SQLAlchemy's documented recipe) so that
+    # _sqlite_begin can start every transaction with the write lock: with deferred
+    # transactions a read-then-write under WAL fails at once instead of waiting its turn.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    # Foreign keys give us ON DELETE CASCADE; WAL lets readers run beside the one writer.
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def secure_file(path: Path) -> None:
+    """Make a file readable by its owner only (keys and the embedded database)."""
+    if path.exists():
+        os.chmod(path, 0o600)

@@ -1,0 +1,127 @@
+"""Caller keys managed through the API: created once, stored as hashes, scoped to accounts.
+
+A new key is shown only in the response that creates it. Changes apply at once on this replica
+(``KeyStore.put``/``remove``) and on the others at their next sync (within 5 s).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from . import repository as repo
+from .auth import KeyStore, Principal, hash_key, new_key
+from .errors import InvalidInput, KeyNotFound
+from .models import ApiKey
+from .schemas import KeyCreate, KeyCreated, KeyOut, KeyPatch
+
+
+def _principal(key: ApiKey, accounts: Sequence[str] | None) -> Principal:
+    scope = frozenset(accounts or ()) if key.scoped else None
+    return Principal(key.id, key.role, scope, "k_" + key.key_hash[:10], key.key_hash)
+
+
+async def load_principals(session: AsyncSession) -> list[Principal]:
+    keys = await repo.all_keys(session)
+    scopes = await repo.key_scopes(session)
+    return [_principal(k, scopes.get(k.id, [])) for k in keys]
+
+
+def _out(key: ApiKey, accounts: Sequence[str] | None) -> KeyOut:
+    return KeyOut(
+        id=key.id,
+        name=key.name,
+        role=key.role,  # type: ignore[arg-type]
+        accounts=sorted(accounts or []) if key.scoped else None,
+        prefix=key.prefix,
+        created_at=key.created_at,
+        last_used_at=key.last_used_at,
+    )
+
+
+class KeyService:
+    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], keystore: KeyStore) -> None:
+        self._sessions = sessions
+        self._keystore = keystore
+
+    async def _check_accounts(self, session: AsyncSession, accounts: Sequence[str] | None) -> None:
+        if not accounts:
+            return
+        missing = sorted(set(accounts) - await repo.existing_account_ids(session, accounts))
+        if missing:
+            raise InvalidInput(
+                f"Unknown account ids in accounts: {', '.join(missing[:5])}",
+                [{"loc": ["body", "accounts"], "msg": "unknown account id", "type": "unknown_account"}],
+            )
+
+    async def create(self, data: KeyCreate, *, actor: str | None) -> KeyCreated:
+        raw = new_key()
+        now = repo.utcnow()
+        key = ApiKey(
+            id=str(uuid.uuid4()),
+            name=data.name,
+            role=data.role,
+            key_hash=hash_key(raw),
+            prefix=raw[:10],
+            scoped=data.accounts is not None,
+            created_at=now,
+            updated_at=now,
+        )
+        async with self._sessions() as session, session.begin():
+            await self._check_accounts(session, data.accounts)
+            session.add(key)
+            await session.flush()
+            await repo.set_key_scope(session, key.id, data.accounts or [])
+            await repo.add_event(
+                session, account_id=None, kind="key_created", actor=actor,
+                detail={"key_id": key.id, "role": key.role, "accounts": data.accounts},
+            )
+        self._keystore.put(_principal(key, data.accounts))
+        out = _out(key, data.accounts)
+        return KeyCreated(**out.model_dump(), key=raw)
+
+    async def list(self, *, limit: int, offset: int) -> list[KeyOut]:
+        async with self._sessions() as session:
+            keys = await repo.list_keys(session, limit=limit, offset=offset)
+            scopes = await repo.key_scopes(session, [k.id for k in keys])
+        return [_out(k, scopes.get(k.id, [])) for k in keys]
+
+    async def get(self, key_id: str) -> KeyOut:
+        async with self._sessions() as session:
+            key = await repo.get_key(session, key_id)
+            if key is None:
+                raise KeyNotFound()
+            scopes = await repo.key_scopes(session, [key_id])
+        return _out(key, scopes.get(key_id, []))
+
+    async def patch(self, key_id: str, data: KeyPatch, *, actor: str | None) -> KeyOut:
+        fields = data.model_fields_set
+        async with self._sessions() as session, session.begin():
+            key = await repo.get_key(session, key_id)
+            if key is None:
+                raise KeyNotFound()
+            if "name" in fields and data.name is not None:
+                key.name = data.name
+            if "accounts" in fields:
+                await self._check_accounts(session, data.accounts)
+                key.scoped = data.accounts is not None
+                await repo.set_key_scope(session, key_id, data.accounts or [])
+            key.updated_at = repo.utcnow()
+            await session.flush()
+            scopes = (await repo.key_scopes(session, [key_id])).get(key_id, [])
+            await repo.add_event(
+                session, account_id=None, kind="key_changed", actor=actor,
+                detail={"key_id": key_id, "fields": sorted(fields)},
+            )
+        self._keystore.put(_principal(key, scopes))
+        return _out(key, scopes)
+
+    async def delete(self, key_id: str, *, actor: str | None) -> None:
+        async with self._sessions() as session, session.begin():
+            if not await repo.delete_key(session, key_id):
+                raise KeyNotFound()
+            await repo.add_event(session, account_id=None, kind="key_revoked", actor=actor,
+                                 detail={"key_id": key_id})
+        self._keystore.remove(key_id)

@@ -1,0 +1,72 @@
+"""Prometheus metrics, in a registry owned by the app (no global default registry).
+
+Labels never carry a secret or an account id (their number is not bounded); outcomes and
+grant types are small fixed sets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+TOKEN_OUTCOMES = (
+    "hit",
+    "stale_served",
+    "loaded",
+    "refreshed",
+    "not_found",
+    "needs_authorization",
+    "invalid_credentials",
+    "upstream_unavailable",
+    "storage_unavailable",
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.token_requests = Counter(
+            "broker_token_requests", "Token requests by outcome", ["outcome"], registry=r
+        )
+        # Children bound once: the hot path must not pay for a label lookup.
+        self.hit = self.token_requests.labels("hit")
+        self.stale_served = self.token_requests.labels("stale_served")
+        for outcome in TOKEN_OUTCOMES:
+            self.token_requests.labels(outcome)
+        self.idp_requests = Counter(
+            "broker_idp_requests", "Calls to Azure AD by grant and outcome", ["grant", "outcome"], registry=r
+        )
+        self.idp_latency = Histogram(
+            "broker_idp_request_seconds",
+            "Latency of Azure AD token calls",
+            ["grant"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=r,
+        )
+        self.refresh_waiters = Gauge(
+            "broker_refresh_waiters", "Callers waiting on an in-flight refresh", registry=r
+        )
+        self.refreshes_in_flight = Gauge(
+            "broker_refreshes_in_flight", "Refreshes running in this process", registry=r
+        )
+        self.cache_size = Gauge("broker_token_cache_size", "Access tokens cached in memory", registry=r)
+        self.accounts_by_status = Gauge(
+            "broker_accounts", "Accounts by status", ["status"], registry=r
+        )
+        self.lock_wait = Histogram(
+            "broker_lock_wait_seconds",
+            "Time spent waiting for an account's token row lock",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30),
+            registry=r,
+        )
+        self.refresh_token_unsaved = Counter(
+            "broker_refresh_token_unsaved",
+            "Rotated refresh tokens that could not be stored (the old one must still work)",
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "broker_webhook_deliveries", "Webhook deliveries by outcome", ["outcome"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

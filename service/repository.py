@@ -1,0 +1,393 @@
+"""The only module that issues SQL. Async functions taking the session first.
+
+Invariants kept here: at most one default account (changes serialise on a mutex row);
+``VERSION`` grows by one on every write to an account row; a name collision surfaces as
+``NameConflict`` whatever the database's wording; datetimes are naive UTC.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from .errors import NameConflict
+from .models import Account, AccountState, ApiKey, ApiKeyScope, Event, Lease, PendingAuthorization
+
+DEFAULT_MUTEX = "mutex:default_account"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def to_epoch(value: datetime) -> float:
+    return value.replace(tzinfo=UTC).timestamp()
+
+
+def from_epoch(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
+
+
+def _is_name_conflict(exc: IntegrityError) -> bool:
+    text = str(exc.orig).lower()
+    return "name" in text and ("duplicate" in text or "unique" in text)
+
+
+async def flush_or_conflict(session: AsyncSession) -> None:
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        if _is_name_conflict(exc):
+            raise NameConflict("An account with this name already exists.") from None
+        raise
+
+
+async def lock_default_mutex(session: AsyncSession) -> None:
+    await session.execute(select(Lease.name).where(Lease.name == DEFAULT_MUTEX).with_for_update())
+
+
+async def clear_default(session: AsyncSession, *, except_id: str) -> list[str]:
+    """Unset the default flag everywhere but ``except_id``; returns the ids that lost it."""
+    rows = await session.execute(
+        select(Account.id).where(Account.default_account.is_(True), Account.id != except_id)
+    )
+    ids = list(rows.scalars())
+    if ids:
+        await session.execute(
+            update(Account)
+            .where(Account.id.in_(ids))
+            .values(default_account=False, version=func.coalesce(Account.version, 0) + 1)
+        )
+    return ids
+
+
+async def insert_account(session: AsyncSession, account: Account, state: AccountState) -> None:
+    session.add(account)
+    await flush_or_conflict(session)
+    session.add(state)
+    await session.flush()
+
+
+async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
+    row = (
+        await session.execute(
+            select(Account, AccountState)
+            .join(AccountState, AccountState.account_id == Account.id)
+            .where(Account.id == account_id)
+        )
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+async def default_account_id(session: AsyncSession) -> str | None:
+    rows = await session.execute(
+        select(Account.id).where(Account.default_account.is_(True)).order_by(Account.id).limit(1)
+    )
+    return rows.scalar_one_or_none()
+
+
+async def list_accounts(
+    session: AsyncSession, *, limit: int, offset: int
+) -> list[tuple[Account, AccountState]]:
+    rows = await session.execute(
+        select(Account, AccountState)
+        .join(AccountState, AccountState.account_id == Account.id)
+        .order_by(Account.name, Account.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [(a, s) for a, s in rows]
+
+
+async def account_versions(session: AsyncSession) -> list[tuple[str, int, bool]]:
+    """(id, version, default) of every account: what replicas compare to drop stale caches."""
+    rows = await session.execute(select(Account.id, Account.version, Account.default_account))
+    return [(i, v or 0, bool(d)) for i, v, d in rows]
+
+
+async def update_account_columns(
+    session: AsyncSession, account_id: str, values: Mapping[str, Any], *, expected_version: int | None
+) -> bool:
+    """Write only the changed columns and bump VERSION; False when the version did not match."""
+    stmt = (
+        update(Account)
+        .where(Account.id == account_id)
+        .values(**values, version=func.coalesce(Account.version, 0) + 1)
+    )
+    if expected_version is not None:
+        stmt = stmt.where(func.coalesce(Account.version, 0) == expected_version)
+    try:
+        result = await session.execute(stmt.execution_options(synchronize_session=False))
+    except IntegrityError as exc:
+        if _is_name_conflict(exc):
+            raise NameConflict("An account with this name already exists.") from None
+        raise
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def update_state(session: AsyncSession, account_id: str, values: Mapping[str, Any]) -> None:
+    await session.execute(
+        update(AccountState)
+        .where(AccountState.account_id == account_id)
+        .values(**values, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def delete_account(session: AsyncSession, account_id: str) -> bool:
+    result = await session.execute(delete(Account).where(Account.id == account_id))
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
+    """Lock the account's token row (waits at most the lock timeout), then read both rows fresh."""
+    state = (
+        await session.execute(
+            select(AccountState)
+            .where(AccountState.account_id == account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if state is None:
+        return None
+    account = (
+        await session.execute(
+            select(Account).where(Account.id == account_id).execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    return (account, state) if account is not None else None
+
+
+async def status_counts(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(AccountState.status, func.count()).group_by(AccountState.status))
+    return {status: count for status, count in rows}
+
+
+async def stale_authorization_code_accounts(session: AsyncSession, *, older_than: datetime) -> list[str]:
+    rows = await session.execute(
+        select(AccountState.account_id).where(
+            AccountState.grant_type == "authorization_code",
+            AccountState.status.in_(("ready", "failing")),
+            (AccountState.last_refreshed_at.is_(None)) | (AccountState.last_refreshed_at < older_than),
+        )
+    )
+    return list(rows.scalars())
+
+
+# -- events ---------------------------------------------------------------------------------
+
+
+async def add_event(
+    session: AsyncSession,
+    *,
+    account_id: str | None,
+    kind: str,
+    actor: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    session.add(
+        Event(
+            account_id=account_id,
+            kind=kind,
+            actor=actor,
+            detail=json.dumps(detail, sort_keys=True) if detail else None,
+            created_at=utcnow(),
+        )
+    )
+
+
+async def list_events(session: AsyncSession, account_id: str, *, limit: int, offset: int) -> list[Event]:
+    rows = await session.execute(
+        select(Event)
+        .where(Event.account_id == account_id)
+        .order_by(Event.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows.scalars())
+
+
+# -- pending authorizations -------------------------------------------------------------------
+
+
+async def add_pending(session: AsyncSession, pending: PendingAuthorization) -> None:
+    await session.execute(delete(PendingAuthorization).where(PendingAuthorization.expires_at < utcnow()))
+    session.add(pending)
+    await session.flush()
+
+
+async def take_pending(session: AsyncSession, state_hash: str) -> PendingAuthorization | None:
+    """Consume a pending authorization: exactly one caller gets it, even across replicas."""
+    pending = (
+        await session.execute(
+            select(PendingAuthorization).where(PendingAuthorization.state_hash == state_hash).with_for_update()
+        )
+    ).scalar_one_or_none()
+    if pending is None:
+        return None
+    result = await session.execute(
+        delete(PendingAuthorization).where(PendingAuthorization.state_hash == state_hash)
+    )
+    return pending if getattr(result, "rowcount", 0) == 1 else None
+
+
+# -- caller keys ------------------------------------------------------------------------------
+
+
+async def list_keys(session: AsyncSession, *, limit: int, offset: int) -> list[ApiKey]:
+    rows = await session.execute(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset))
+    return list(rows.scalars())
+
+
+async def get_key(session: AsyncSession, key_id: str) -> ApiKey | None:
+    return await session.get(ApiKey, key_id)
+
+
+async def key_scopes(session: AsyncSession, key_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+    stmt = select(ApiKeyScope.key_id, ApiKeyScope.account_id).order_by(ApiKeyScope.account_id)
+    if key_ids is not None:
+        stmt = stmt.where(ApiKeyScope.key_id.in_(key_ids))
+    scopes: dict[str, list[str]] = {}
+    for key_id, account_id in await session.execute(stmt):
+        scopes.setdefault(key_id, []).append(account_id)
+    return scopes
+
+
+async def set_key_scope(session: AsyncSession, key_id: str, account_ids: Sequence[str]) -> None:
+    await session.execute(delete(ApiKeyScope).where(ApiKeyScope.key_id == key_id))
+    for account_id in dict.fromkeys(account_ids):
+        session.add(ApiKeyScope(key_id=key_id, account_id=account_id))
+    await session.flush()
+
+
+async def existing_account_ids(session: AsyncSession, account_ids: Sequence[str]) -> set[str]:
+    if not account_ids:
+        return set()
+    rows = await session.execute(select(Account.id).where(Account.id.in_(list(account_ids))))
+    return set(rows.scalars())
+
+
+async def all_keys(session: AsyncSession) -> list[ApiKey]:
+    return list((await session.execute(select(ApiKey))).scalars())
+
+
+async def delete_key(session: AsyncSession, key_id: str) -> bool:
+    result = await session.execute(delete(ApiKey).where(ApiKey.id == key_id))
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def touch_keys(session: AsyncSession, used: Mapping[str, datetime]) -> None:
+    for key_id, when in used.items():
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id)
+            .values(last_used_at=when)
+            .execution_options(synchronize_session=False)
+        )
+
+
+# -- leases -----------------------------------------------------------------------------------
+
+
+async def try_lease(session: AsyncSession, name: str, holder: str, *, ttl: timedelta) -> bool:
+    """Take or renew a named lease; True when ``holder`` holds it afterwards."""
+    now = utcnow()
+    lease = (
+        await session.execute(select(Lease).where(Lease.name == name).with_for_update())
+    ).scalar_one_or_none()
+    if lease is None:
+        session.add(Lease(name=name, holder=holder, expires_at=now + ttl))
+        try:
+            await session.flush()
+        except IntegrityError:
+            return False
+        return True
+    if lease.holder != holder and lease.expires_at > now:
+        return False
+    lease.holder = holder
+    lease.expires_at = now + ttl
+    await session.flush()
+    return True
+
+
+# -- key rotation -----------------------------------------------------------------------------
+
+
+async def account_secrets_batch(
+    session: AsyncSession, *, after_id: str, limit: int
+) -> list[tuple[str, str | None, str, str | None]]:
+    """(id, CLIENT_SECRET, REFRESH_TOKEN, cached access token) in id order, after ``after_id``."""
+    rows = await session.execute(
+        select(Account.id, Account.client_secret, Account.refresh_token, AccountState.access_token)
+        .outerjoin(AccountState, AccountState.account_id == Account.id)
+        .where(Account.id > after_id)
+        .order_by(Account.id)
+        .limit(limit)
+        .with_for_update(of=Account)
+    )
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+async def pending_verifiers_batch(
+    session: AsyncSession, *, after: str, limit: int
+) -> list[tuple[str, str, str]]:
+    rows = await session.execute(
+        select(PendingAuthorization.state_hash, PendingAuthorization.account_id, PendingAuthorization.code_verifier)
+        .where(PendingAuthorization.state_hash > after)
+        .order_by(PendingAuthorization.state_hash)
+        .limit(limit)
+        .with_for_update()
+    )
+    return [(h, a, v) for h, a, v in rows]
+
+
+async def set_pending_verifier(session: AsyncSession, state_hash: str, verifier: str) -> None:
+    await session.execute(
+        update(PendingAuthorization)
+        .where(PendingAuthorization.state_hash == state_hash)
+        .values(code_verifier=verifier)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def set_account_secrets(
+    session: AsyncSession, account_id: str, *, client_secret: str | None, refresh_token: str
+) -> None:
+    # Re-encryption leaves the plaintext unchanged, so VERSION is not bumped: an admin's
+    # If-Match taken before a rotation stays valid.
+    await session.execute(
+        update(Account)
+        .where(Account.id == account_id)
+        .values(client_secret=client_secret, refresh_token=refresh_token)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def set_state_token(session: AsyncSession, account_id: str, access_token: str | None) -> None:
+    await session.execute(
+        update(AccountState)
+        .where(AccountState.account_id == account_id)
+        .values(access_token=access_token)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def sample_ciphertexts(session: AsyncSession, *, limit: int = 200) -> list[tuple[str, str, str]]:
+    """(context column, row id, ciphertext) samples for the start-up key check."""
+    samples: list[tuple[str, str, str]] = []
+    rows = await session.execute(
+        select(Account.id, Account.client_secret, Account.refresh_token).limit(limit)
+    )
+    for account_id, secret, refresh in rows:
+        if secret:
+            samples.append(("CLIENT_SECRET", account_id, secret))
+        if refresh:
+            samples.append(("REFRESH_TOKEN", account_id, refresh))
+    return samples

@@ -1,0 +1,104 @@
+"""Every knob of the broker, read from ``BROKER_*`` environment variables.
+
+Nothing reads the environment at import time: ``Settings()`` is built by the CLI or a test and
+passed to ``create_app``. Lists are comma-separated strings in the environment (the contract);
+the ``*_list`` helpers split them. Secrets are ``SecretStr`` so that a ``repr`` never shows them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/token-broker.db"
+
+# Microsoft's sign-in and Dynamics hosts, public cloud and the national clouds
+# (US Government, China, Germany legacy), so an out-of-the-box broker can talk to any of them.
+DEFAULT_ALLOWED_HOSTS = ",".join(
+    [
+        "login.microsoftonline.com",
+        "login.windows.net",
+        "login.microsoftonline.us",
+        "login.partner.microsoftonline.cn",
+        "login.chinacloudapi.cn",
+        "login.microsoftonline.de",
+        "*.dynamics.com",
+        "*.crm.dynamics.com",
+        "*.dynamics.us",
+        "*.crm.microsoftdynamics.us",
+        "*.appsplatform.us",
+        "*.dynamics.cn",
+        "*.crm.dynamics.cn",
+        "*.microsoftdynamics.de",
+    ]
+)
+
+
+def split_list(raw: str | None) -> list[str]:
+    """Split a comma-separated setting, dropping blanks and surrounding spaces."""
+    if not raw:
+        return []
+    return [part.strip() for part in raw.split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BROKER_", extra="ignore")
+
+    database_url: str = DEFAULT_DATABASE_URL
+    encryption_keys: SecretStr | None = None
+    admin_keys: SecretStr | None = None
+    client_keys: SecretStr | None = None
+    allowed_hosts: str = DEFAULT_ALLOWED_HOSTS
+    allow_http: bool = False
+    refresh_margin_seconds: int = Field(default=300, ge=0, le=86_400)
+    min_token_ttl_seconds: int = Field(default=60, ge=0, le=3_600)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65_535)
+    public_url: str | None = None
+
+    # Beyond the contract.
+    var_dir: Path = Path("./var")
+    idp_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    lock_wait_seconds: int = Field(default=20, ge=1, le=600)
+    max_wait_seconds: float = Field(default=30.0, gt=0, le=600)
+    backoff_base_seconds: float = Field(default=1.0, ge=0)
+    backoff_max_seconds: float = Field(default=60.0, ge=0)
+    keepalive_interval_seconds: int = Field(default=86_400, ge=60)
+    sync_interval_seconds: float = Field(default=5.0, gt=0, le=5.0)
+    max_body_bytes: int = Field(default=65_536, ge=1_024)
+    shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=14)
+    log_level: str = "INFO"
+    access_log_sample_rate: float = Field(default=0.0, ge=0, le=1)
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    create_schema: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        # The lock wait must outlast an IdP call, or a replica waiting on another's refresh
+        # would give up while that refresh is still legitimately in progress.
+        if self.lock_wait_seconds <= self.idp_timeout_seconds:
+            raise ValueError(
+                "BROKER_LOCK_WAIT_SECONDS must be longer than BROKER_IDP_TIMEOUT_SECONDS "
+                f"({self.lock_wait_seconds} <= {self.idp_timeout_seconds})"
+            )
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("BROKER_WEBHOOK_URL is set but BROKER_WEBHOOK_SECRET is not")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        return [h.lower() for h in split_list(self.allowed_hosts)]
+
+    @property
+    def effective_public_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def secret_list(self, value: SecretStr | None) -> list[str]:
+        return split_list(value.get_secret_value() if value else None)

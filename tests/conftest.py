@@ -1,0 +1,202 @@
+"""Shared fixtures: a migrated database (SQLite, and MariaDB when available), the app in its
+lifespan, an httpx client on the ASGI transport, and a strict respx router for Azure AD.
+
+MySQL-backed tests read ``BROKER_TEST_MYSQL_URL`` (``.ci/run`` sets it). Without it they skip
+with the reason on a laptop, and fail under ``CI=true``: CI must never silently skip them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from service import migrate
+from service.app import create_app
+from service.api.fastpath import TokenFastPath
+from service.api.middleware import AccessLog, BodyLimit
+from service.crypto import generate_key
+from service.settings import Settings
+
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+CLIENT_KEY = "test-client-key-0123456789abcdef"
+ENCRYPTION_KEY = generate_key()
+TENANT = "7f3b7d01-a049-4dfd-9dbd-d394e711c3a0"
+TOKEN_URL_V1 = f"https://login.microsoftonline.com/{TENANT}/oauth2/token"
+TOKEN_URL_V2 = f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token"
+AUTHORIZE_URL_V1 = f"https://login.microsoftonline.com/{TENANT}/oauth2/authorize"
+AUTHORIZE_URL_V2 = f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/authorize"
+API_URL = "https://contoso.crm.dynamics.com/api/data/v9.2"
+CLIENT_SECRET = "s3cr3t-Client-Value~abc.123"
+REFRESH_TOKEN = "0.ARwA-refresh-token-initial-value"
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip on a laptop, fail in CI."""
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
+
+
+def account_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": f"contoso-{uuid.uuid4().hex[:8]}",
+        "tenant_id": TENANT,
+        "client_id": "dc40e7c1-86fa-484e-a38b-bec0d31c945a",
+        "client_secret": CLIENT_SECRET,
+        "refresh_token": REFRESH_TOKEN,
+        "authorization_url": AUTHORIZE_URL_V1,
+        "token_url": TOKEN_URL_V1,
+        "api_url": API_URL,
+    }
+    body.update(overrides)
+    return body
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def client() -> dict[str, str]:
+    return {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+async def _mysql_reachable(url: str) -> bool:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect():
+            return True
+    except Exception:
+        return False
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def mysql_server_url() -> str | None:
+    return os.environ.get("BROKER_TEST_MYSQL_URL")
+
+
+@pytest.fixture
+async def mysql_url(mysql_server_url: str | None) -> AsyncIterator[str]:
+    """A fresh, empty MariaDB database for one test, dropped afterwards."""
+    require(bool(mysql_server_url), "BROKER_TEST_MYSQL_URL is not set (MariaDB tests)")
+    assert mysql_server_url
+    require(await _mysql_reachable(mysql_server_url), f"MariaDB at {make_url(mysql_server_url).host} is down")
+    name = f"tb_{uuid.uuid4().hex[:12]}"
+    admin_engine = create_async_engine(mysql_server_url, isolation_level="AUTOCOMMIT")
+    async with admin_engine.connect() as conn:
+        await conn.exec_driver_sql(f"CREATE DATABASE {name} CHARACTER SET utf8mb4")
+    try:
+        yield make_url(mysql_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin_engine.connect() as conn:
+            await conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        await admin_engine.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using this runs twice: on SQLite and on MariaDB."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
+    url: str = request.getfixturevalue("mysql_url")
+    return url
+
+
+def make_settings(database_url: str, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "encryption_keys": ENCRYPTION_KEY,
+        "admin_keys": ADMIN_KEY,
+        "client_keys": CLIENT_KEY,
+        "var_dir": tmp_path / "var",
+        "backoff_base_seconds": 0.0,
+        "backoff_max_seconds": 0.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def settings(database_url: str, tmp_path: Path) -> Settings:
+    await migrate.upgrade(database_url)
+    return make_settings(database_url, tmp_path)
+
+
+class Running:
+    """The app inside its lifespan, with a client that goes through the fast path."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self.asgi = TokenFastPath(AccessLog(BodyLimit(self.app, settings.max_body_bytes)), lambda: self.app.state.ctx)
+        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url="http://broker.test")
+
+    @property
+    def ctx(self) -> Any:
+        return self.app.state.ctx
+
+
+@pytest.fixture
+def run_app() -> Callable[[Settings], Any]:
+    """An async context manager factory: ``async with run_app(settings) as running: ...``."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def _run(settings: Settings) -> AsyncIterator[Running]:
+        running = Running(settings)
+        async with running.app.router.lifespan_context(running.app):
+            async with running.client:
+                yield running
+
+    return _run
+
+
+@pytest.fixture
+async def running(settings: Settings, run_app: Callable[[Settings], Any]) -> AsyncIterator[Running]:
+    async with run_app(settings) as r:
+        yield r
+
+
+@pytest.fixture
+def azure() -> Iterator[respx.MockRouter]:
+    """Azure AD at the HTTP edge: unmatched requests fail the test."""
+    with respx.mock(assert_all_mocked=True, assert_all_called=False) as router:
+        yield router
+
+
+def v1_token(access: str = "at-1", refresh: str | None = "rt-2", expires_in: int = 3599) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "token_type": "Bearer",
+        "scope": "user_impersonation",
+        "expires_in": str(expires_in),
+        "ext_expires_in": str(expires_in),
+        "expires_on": "1548192804",
+        "not_before": "1548188904",
+        "resource": "https://contoso.crm.dynamics.com",
+        "access_token": access,
+    }
+    if refresh:
+        body["refresh_token"] = refresh
+    return body
+

@@ -17,7 +17,7 @@ from fastapi_offline import FastAPIOffline
 
 from . import background, bootstrap
 from .accounts import AccountService
-from .api import accounts, health, keys, problems, tokens
+from .api import accounts, health, keys, oauth, problems, tokens
 from .api.fastpath import TokenFastPath
 from .api.middleware import AccessLog, BodyLimit
 from .auth import KeyStore
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = None
     problems.install(app)
-    for router in (accounts.router, tokens.router, keys.router, health.router):
+    for router in (accounts.router, tokens.router, keys.router, oauth.router, health.router):
         app.include_router(router)
     return app
 

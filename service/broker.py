@@ -106,7 +106,7 @@ class TokenBroker:
         self._keyring = keyring
         self._settings = settings
         self._metrics = metrics
-        self._clock = clock
+        self.clock = clock
         self._rng = rng
         self.cache: dict[str, CachedToken] = {}
         self.default_account_id: str | None = None
@@ -123,7 +123,7 @@ class TokenBroker:
         entry = self.cache.get(account_id)
         if entry is None:
             return None
-        now = self._clock()
+        now = self.clock()
         if entry.expires_at - now < need:
             return None
         if now >= entry.refresh_at:
@@ -134,7 +134,7 @@ class TokenBroker:
         return entry
 
     def now(self) -> float:
-        return self._clock()
+        return self.clock()
 
     async def exists(self, account_id: str) -> bool:
         async with self._session() as session:
@@ -160,12 +160,12 @@ class TokenBroker:
         entry = self.peek(account_id, need)
         if entry is not None:
             return entry
-        started = self._clock()
+        started = self.clock()
         entry = await self._wait(account_id, need)
         # A refresh that finished for a caller needing less may not satisfy this one; one
         # more round asks Azure. A token fetched after we arrived is returned as it is, even
         # when Azure's lifetime is shorter than min_ttl (asking again would not help).
-        if entry.expires_at - self._clock() < need and entry.obtained_at < started:
+        if entry.expires_at - self.clock() < need and entry.obtained_at < started:
             entry = await self._wait(account_id, need)
         return entry
 
@@ -206,7 +206,7 @@ class TokenBroker:
         if self._closed or account_id in self._inflight:
             return
         backoff = self._not_before.get(account_id)
-        if backoff is not None and self._clock() < backoff[0]:
+        if backoff is not None and self.clock() < backoff[0]:
             return
         margin = float(self._settings.refresh_margin_seconds)
         self._start(account_id, self._obtain(account_id, margin))
@@ -222,15 +222,15 @@ class TokenBroker:
         backoff = self._not_before.get(account_id)
         if backoff is not None:
             until, error = backoff
-            if self._clock() < until:
-                raise type(error)(error.detail, retry_after=until - self._clock(), reason=error.reason)
+            if self.clock() < until:
+                raise type(error)(error.detail, retry_after=until - self.clock(), reason=error.reason)
         async with self._session() as session:
             row = await repo.get_account(session, account_id)
         if row is None:
             self.forget(account_id)
             raise AccountNotFound(account_id)
         entry = self._from_row(*row)
-        if entry is not None and entry.expires_at - self._clock() >= need:
+        if entry is not None and entry.expires_at - self.clock() >= need:
             self._store(entry)
             self._metrics.token_requests.labels("loaded").inc()
             return entry
@@ -254,7 +254,7 @@ class TokenBroker:
                         self._store(entry)
                         return entry
                     need = self.need_for(0)
-            elif entry is not None and entry.expires_at - self._clock() >= need:
+            elif entry is not None and entry.expires_at - self.clock() >= need:
                 # Another replica refreshed while we waited for the lock.
                 self._store(entry)
                 self._metrics.token_requests.labels("loaded").inc()
@@ -336,9 +336,9 @@ class TokenBroker:
                 "failures": failures,
                 "last_error_code": exc.reason,
                 "last_error_message": exc.detail[:1024],
-                "next_attempt_at": repo.from_epoch(self._clock() + delay),
+                "next_attempt_at": repo.from_epoch(self.clock() + delay),
             }
-            self._not_before[state.account_id] = (self._clock() + delay, exc)
+            self._not_before[state.account_id] = (self.clock() + delay, exc)
         await repo.update_state(session, account_id, values)
         detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
         await repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
@@ -362,7 +362,7 @@ class TokenBroker:
     async def _save_grant(
         self, session: AsyncSession, account: Account, state: AccountState, grant: TokenGrant
     ) -> CachedToken:
-        now = self._clock()
+        now = self.clock()
         if grant.expires_at - now < self._settings.min_token_ttl_seconds:
             await self._record_failure(
                 session,
@@ -405,6 +405,26 @@ class TokenBroker:
             )
             self._notify(account.id, state.status, READY, {})
         return self._entry(account.id, grant.access_token, grant.expires_at, version, account.api_url, now)
+
+    async def store_authorization(self, account_id: str, grant: TokenGrant, *, actor: str | None) -> CachedToken:
+        """Store what a code exchange returned: the refresh token and the access token, together."""
+        if not grant.refresh_token:
+            raise UpstreamUnavailable(
+                "Azure AD returned no refresh token: the app registration must allow offline_access.",
+                reason="bad_response",
+            )
+        async with self._session() as session, session.begin():
+            row = await repo.lock_account_state(session, account_id)
+            if row is None:
+                raise AccountNotFound(account_id)
+            account, state = row
+            # A new authorization supersedes any earlier failure or backoff.
+            await repo.update_state(session, account_id, {"next_attempt_at": None, "failures": 0})
+            entry = await self._save_grant(session, account, state, grant)
+            await repo.add_event(session, account_id=account_id, kind="authorized", actor=actor)
+        self._not_before.pop(account_id, None)
+        self._store(entry)
+        return entry
 
     # -- helpers --------------------------------------------------------------------------------
 

@@ -47,5 +47,5 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # httpx logs each request URL at INFO; URLs are safe but noisy, and uvicorn's own access
     # log would print query strings (OAuth codes): ours replaces it.
-    for name in ("httpx", "httpcore", "uvicorn.access"):
+    for name in ("httpx", "httpcore", "uvicorn.access", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)

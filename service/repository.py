@@ -80,6 +80,7 @@ async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, 
             select(Account, AccountState)
             .join(AccountState, AccountState.account_id == Account.id)
             .where(Account.id == account_id)
+            .execution_options(populate_existing=True)
         )
     ).first()
     return (row[0], row[1]) if row else None

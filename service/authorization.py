@@ -1,0 +1,405 @@
+"""Connecting an account: the authorization-code flow (PKCE), the pasted code, and the WhoAmI test.
+
+Invariants:
+- ``state`` is 32 random bytes, bound to one account, valid ten minutes and single-use: only its
+  SHA-256 is stored, and ``repository.take_pending`` deletes the row in the transaction that
+  reads it, so a replayed, forged or expired state is ``InvalidState`` on every replica;
+- the PKCE verifier (S256) is stored sealed, its encryption context bound to the state's hash;
+- the authorize URL never carries the client secret; the code and the state are never logged,
+  stored or echoed (messages are built from codes and Azure's sanitised descriptions);
+- a failed exchange or a denial changes nothing but an ``authorization_failed`` event: the
+  account keeps its status and any refresh token it had;
+- ``test_connection`` always answers (``ok`` true or false, with what to do), except for a
+  missing account.
+No FastAPI here; ``api/oauth.py`` renders the answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from . import repository as repo
+from . import sealing
+from .accounts import AccountService
+from .azure_ad import AzureADClient, ClientCredentials, sanitize_description
+from .broker import TokenBroker
+from .crypto import DecryptionError, Keyring
+from .dynamics import ConnectionProblem, WhoAmI, who_am_i
+from .errors import (
+    AccountNotFound,
+    ActionRequired,
+    AuthorizationDenied,
+    BrokerError,
+    InvalidInput,
+    InvalidState,
+    StorageUnavailable,
+    UpstreamUnavailable,
+)
+from .models import Account, AccountState, PendingAuthorization
+from .outbound import OutboundPolicy
+from .schemas import AccountOut, AuthorizeOut, ConnectionTestOut
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .context import Context
+
+CALLBACK_PATH = "/oauth/callback"
+PENDING_TTL = timedelta(minutes=10)
+START_AGAIN = "call POST /accounts/{id}/authorize and open the new authorization_url"
+
+# What a person does when no token could be had (by error code) or WhoAmI failed (by reason).
+_TOKEN_NEXT_STEPS = {
+    "needs_authorization": "authorize the account (POST /accounts/{id}/authorize)",
+    "invalid_credentials": "fix client_secret/client_id (PATCH /accounts/{id}) as the message says",
+    "upstream_unavailable": "Azure AD unreachable; try later / check network",
+    "storage_unavailable": "check the broker's database and BROKER_ENCRYPTION_KEYS",
+}
+_PROBE_NEXT_STEPS = {
+    "unauthorized": "check api_url (its origin must be the resource the app was authorized for), "
+    "then authorize again",
+    "forbidden": "give the application user a security role in Dynamics (integration guide step 2.7/2.13)",
+    "not_found": "fix api_url's path, e.g. /api/data/v9.2 (PATCH /accounts/{id})",
+    "unreachable": "check the network and firewall between the broker and Dynamics, and api_url",
+    "bad_response": "check that api_url is the Dynamics Web API (…/api/data/v9.x)",
+    "server_error": "Dynamics is failing or throttling; try again later",
+    "forbidden_url": "fix api_url, or ask the operator to allow its host in BROKER_ALLOWED_HOSTS",
+}
+
+
+def state_hash(state: str) -> str:
+    return hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def s256(verifier: str) -> str:
+    """The PKCE S256 challenge: base64url(sha256(verifier)) without padding."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def redirect_uri_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a redirect URI (absolute http(s), no fragment), or None."""
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(value)
+        _ = parts.port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http(s) URL"
+    if "#" in value:
+        return "must not contain a fragment"
+    if parts.username is not None or parts.password is not None:
+        return "must not contain a user name or password"
+    return None
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """What an authorization server's redirect carried (the hosted callback, or a pasted URL)."""
+
+    code: str | None = field(default=None, repr=False)
+    state: str | None = field(default=None, repr=False)
+    error: str | None = None
+    error_description: str | None = None
+
+
+def parse_pasted(value: str) -> Redirect:
+    """The seed's manual flow: a bare code, or the whole ``http://localhost/?code=…`` address."""
+    text = value.strip()
+    is_url = "://" in text
+    if is_url:
+        parts = urlsplit(text)
+        candidates = [parts.query, parts.fragment]  # response_mode=fragment puts them after '#'
+    else:
+        candidates = [text.lstrip("?#")]
+    for raw in candidates:
+        params = parse_qs(raw, keep_blank_values=True, max_num_fields=50)
+        if "code" in params or "error" in params:
+            first = {k: (v[0].strip() or None) for k, v in params.items()}
+            return Redirect(
+                first.get("code"), first.get("state"), first.get("error"), first.get("error_description")
+            )
+    if is_url:
+        raise _invalid(
+            "code",
+            "the pasted URL has no code parameter: paste the whole address Azure AD "
+            "redirected to, or only the code",
+        )
+    return Redirect(code=text)
+
+
+def _invalid(name: str, message: str) -> InvalidInput:
+    return InvalidInput(
+        f"{name}: {message}", [{"loc": ["body", name], "msg": message, "type": "value_error"}]
+    )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A consumed pending authorization: the account it is for and what the exchange needs."""
+
+    account_id: str
+    redirect_uri: str
+    code_verifier: str | None = field(repr=False)
+
+
+def _probe_result(account_id: str, found: WhoAmI | ConnectionProblem) -> ConnectionTestOut:
+    if isinstance(found, ConnectionProblem):
+        step = _PROBE_NEXT_STEPS.get(found.reason, "check api_url").replace("{id}", account_id)
+        return ConnectionTestOut(ok=False, reason=found.reason, message=found.message, next_step=step)
+    return ConnectionTestOut(
+        ok=True,
+        user_id=found.user_id,
+        organization_id=found.organization_id,
+        business_unit_id=found.business_unit_id,
+        latency_ms=round(found.latency_ms, 1),
+    )
+
+
+class AuthorizationService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        sessions: async_sessionmaker[AsyncSession],
+        keyring: Keyring,
+        azure: AzureADClient,
+        broker: TokenBroker,
+        accounts: AccountService,
+        http: httpx.AsyncClient,
+        policy: OutboundPolicy,
+    ) -> None:
+        self._settings = settings
+        self._sessions = sessions
+        self._keyring = keyring
+        self._azure = azure
+        self._broker = broker
+        self._accounts = accounts
+        self._http = http
+        self._policy = policy
+
+    @classmethod
+    def from_context(cls, ctx: Context) -> AuthorizationService:
+        return cls(
+            settings=ctx.settings,
+            sessions=ctx.sessions,
+            keyring=ctx.keyring,
+            azure=ctx.azure,
+            broker=ctx.broker,
+            accounts=ctx.accounts,
+            http=ctx.http,
+            policy=ctx.policy,
+        )
+
+    @property
+    def default_redirect_uri(self) -> str:
+        return f"{self._settings.effective_public_url}{CALLBACK_PATH}"
+
+    # -- the flow ---------------------------------------------------------------------------------
+
+    async def start(self, account_id: str, redirect_uri: str | None, *, actor: str | None) -> AuthorizeOut:
+        """A sign-in URL with a fresh state and PKCE challenge; the pending row remembers both."""
+        redirect = self._redirect_uri(redirect_uri)
+        account, _ = await self._load(account_id)
+        state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)
+        url = self._azure.authorization_url(
+            self._credentials(account, with_secret=False),
+            redirect_uri=redirect,
+            state=state,
+            code_challenge=s256(verifier),
+        )
+        digest = state_hash(state)
+        now = repo.utcnow()
+        pending = PendingAuthorization(
+            state_hash=digest,
+            account_id=account_id,
+            redirect_uri=redirect,
+            code_verifier=sealing.seal(self._keyring, sealing.CODE_VERIFIER, digest, verifier),
+            created_at=now,
+            expires_at=now + PENDING_TTL,
+        )
+        expires_at = pending.expires_at.replace(tzinfo=UTC)
+        async with self._sessions() as session, session.begin():
+            await repo.add_pending(session, pending)
+            await repo.add_event(
+                session,
+                account_id=account_id,
+                kind="authorization_started",
+                actor=actor,
+                detail={"redirect_uri": redirect, "expires_at": expires_at.isoformat()},
+            )
+        return AuthorizeOut(authorization_url=url, state=state, expires_at=expires_at)
+
+    async def claim(self, state: str | None) -> Claim:
+        """Consume the pending authorization ``state`` names; InvalidState if none is valid."""
+        if not state:
+            raise InvalidState(f"The redirect carries no state; to start again, {START_AGAIN}.")
+        async with self._sessions() as session, session.begin():
+            pending = await repo.take_pending(session, state_hash(state))
+        # Consumed even when expired: an expired state must not linger, and is invalid all the same.
+        if pending is None or pending.expires_at <= repo.utcnow():
+            raise InvalidState(
+                f"This authorization is unknown, expired (they last {PENDING_TTL.seconds // 60} minutes) "
+                f"or already used; to start again, {START_AGAIN}."
+            )
+        verifier = self._unseal(sealing.CODE_VERIFIER, pending.state_hash, pending.code_verifier)
+        return Claim(pending.account_id, pending.redirect_uri, verifier or None)
+
+    async def complete(
+        self,
+        state: str | None,
+        code: str | None,
+        *,
+        error: str | None = None,
+        error_description: str | None = None,
+    ) -> AccountOut:
+        """The hosted callback: consume the state, then exchange the code (or report the denial)."""
+        claim = await self.claim(state)
+        return await self.finish(claim, Redirect(code, state, error, error_description), actor=None)
+
+    async def finish(self, claim: Claim, redirect: Redirect, *, actor: str | None) -> AccountOut:
+        if redirect.error:
+            await self._deny(claim.account_id, redirect, actor=actor)
+        if not redirect.code:
+            again = START_AGAIN.replace("{id}", claim.account_id)
+            raise InvalidInput(f"The redirect carries neither a code nor an error; to start again, {again}.")
+        return await self._redeem(
+            claim.account_id, redirect.code, claim.redirect_uri, claim.code_verifier, actor=actor
+        )
+
+    async def paste(
+        self, account_id: str, code_or_url: str, redirect_uri: str | None, *, actor: str | None
+    ) -> AccountOut:
+        """The seed's manual flow; a pasted URL's state finds the pending authorization."""
+        await self._load(account_id)
+        pasted = parse_pasted(code_or_url)
+        if pasted.state:
+            claim = await self.claim(pasted.state)
+            if claim.account_id != account_id:
+                again = START_AGAIN.replace("{id}", account_id)
+                raise InvalidState(
+                    f"This state belongs to another account's authorization; to start again, {again}."
+                )
+            return await self.finish(claim, pasted, actor=actor)
+        if pasted.error:
+            await self._deny(account_id, pasted, actor=actor)
+        if not pasted.code:
+            raise _invalid("code", "the pasted URL has an empty code")
+        return await self._redeem(
+            account_id, pasted.code, self._redirect_uri(redirect_uri), None, actor=actor
+        )
+
+    async def _redeem(
+        self, account_id: str, code: str, redirect_uri: str, verifier: str | None, *, actor: str | None
+    ) -> AccountOut:
+        account, _ = await self._load(account_id)
+        try:
+            grant = await self._azure.redeem_code(
+                self._credentials(account), code=code, redirect_uri=redirect_uri, code_verifier=verifier
+            )
+            await self._broker.store_authorization(account_id, grant, actor=actor)
+        except (ActionRequired, UpstreamUnavailable) as exc:
+            detail = {"code": exc.code, "idp_code": exc.idp_code, "message": exc.detail[:300]}
+            await self._event(account_id, "authorization_failed", actor, detail)
+            raise
+        return await self._accounts.get(account_id)
+
+    async def _deny(self, account_id: str, redirect: Redirect, *, actor: str | None) -> NoReturn:
+        error = sanitize_description(redirect.error or "")[:64] or "error"
+        said = sanitize_description(redirect.error_description or "").rstrip(". ")
+        detail = {"code": AuthorizationDenied.code, "idp_code": error, "message": said or None}
+        await self._event(account_id, "authorization_failed", actor, detail)
+        raise AuthorizationDenied(
+            f"Azure AD did not authorize the account ({error}{': ' + said if said else ''}). Nothing was "
+            f"changed; to try again, {START_AGAIN.replace('{id}', account_id)}."
+        )
+
+    # -- test connection --------------------------------------------------------------------------
+
+    async def test_connection(self, account_id: str, *, actor: str | None) -> ConnectionTestOut:
+        """Get a token through the broker, then call WhoAmI; ``ok`` false says what to do."""
+        try:
+            entry = await self._broker.get_token(account_id)
+        except AccountNotFound:
+            raise
+        except BrokerError as exc:
+            step = _TOKEN_NEXT_STEPS.get(exc.code, "read the message, fix the account, and test again")
+            result = ConnectionTestOut(
+                ok=False, reason=exc.code, message=exc.detail, next_step=step.replace("{id}", account_id)
+            )
+        else:
+            found = await who_am_i(
+                self._http,
+                self._policy,
+                api_url=entry.api_url,
+                access_token=entry.access_token,
+                timeout=self._settings.idp_timeout_seconds,
+            )
+            result = _probe_result(account_id, found)
+        await self._event(account_id, "connection_tested", actor, {"ok": result.ok, "reason": result.reason})
+        return result
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _redirect_uri(self, value: str | None) -> str:
+        if value is None:
+            return self.default_redirect_uri
+        problem = redirect_uri_problem(value)
+        if problem:
+            raise _invalid("redirect_uri", problem)
+        return value
+
+    async def _load(self, account_id: str) -> tuple[Account, AccountState]:
+        """The account, which must exist and use the authorization-code grant."""
+        async with self._sessions() as session:
+            row = await repo.get_account(session, account_id)
+        if row is None:
+            raise AccountNotFound(account_id)
+        if row[1].grant_type == "client_credentials":
+            raise InvalidInput(
+                "client_credentials accounts need no authorization: they get tokens with the "
+                "client secret alone"
+            )
+        return row
+
+    async def _event(self, account_id: str, kind: str, actor: str | None, detail: dict[str, Any]) -> None:
+        async with self._sessions() as session, session.begin():
+            await repo.add_event(
+                session,
+                account_id=account_id,
+                kind=kind,
+                actor=actor,
+                detail={k: v for k, v in detail.items() if v is not None},
+            )
+
+    def _credentials(self, account: Account, *, with_secret: bool = True) -> ClientCredentials:
+        secret = (
+            self._unseal(sealing.CLIENT_SECRET, account.id, account.client_secret) if with_secret else None
+        )
+        return ClientCredentials(
+            tenant_id=account.tenant_id,
+            client_id=account.client_id,
+            client_secret=secret,
+            token_url=account.token_url,
+            authorization_url=account.authorization_url,
+            api_url=account.api_url,
+        )
+
+    def _unseal(self, column: str, row_id: str, stored: str | None) -> str | None:
+        try:
+            return sealing.unseal(self._keyring, column, row_id, stored)
+        except DecryptionError as exc:
+            raise StorageUnavailable(
+                f"A stored secret cannot be decrypted (key id {exc.key_id}); check BROKER_ENCRYPTION_KEYS.",
+                reason="decryption_failed",
+            ) from None

@@ -46,7 +46,9 @@ def to_out(account: Account, state: AccountState) -> AccountOut:
         status = NEEDS_AUTHORIZATION
     last_error = None
     if state.last_error_code:
-        last_error = LastError(code=state.last_error_code, message=state.last_error_message, at=state.last_error_at)
+        last_error = LastError(
+            code=state.last_error_code, message=state.last_error_message, at=state.last_error_at
+        )
     return AccountOut(
         id=account.id,
         version=account.version or 0,
@@ -57,10 +59,10 @@ def to_out(account: Account, state: AccountState) -> AccountOut:
         authorization_url=account.authorization_url,
         token_url=account.token_url,
         api_url=account.api_url,
-        grant_type=state.grant_type,  # type: ignore[arg-type]
+        grant_type=state.grant_type,
         has_client_secret=bool(account.client_secret),
         has_refresh_token=has_refresh,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         token_expires_at=state.token_expires_at,
         last_refreshed_at=state.last_refreshed_at,
         last_error=last_error,
@@ -95,7 +97,7 @@ class AccountService:
         self._broker = broker
 
     def check_urls(self, values: Mapping[str, Any]) -> None:
-        errors = []
+        errors: list[dict[str, Any]] = []
         for name in URL_FIELDS:
             url = values.get(name)
             if url is None:
@@ -105,7 +107,7 @@ class AccountService:
             except OutboundURLError as exc:
                 errors.append({"loc": ["body", name], "msg": f"{name} {exc}", "type": "url_not_allowed"})
         if errors:
-            raise InvalidInput("; ".join(e["msg"] for e in errors), errors)
+            raise InvalidInput("; ".join(str(e["msg"]) for e in errors), errors)
 
     async def create(self, data: AccountCreate, *, actor: str | None) -> AccountOut:
         self.check_urls(data.model_dump())
@@ -119,7 +121,9 @@ class AccountService:
             name=data.name,
             client_id=data.client_id,
             client_secret=sealing.seal(self._keyring, sealing.CLIENT_SECRET, account_id, data.client_secret),
-            refresh_token=sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account_id, data.refresh_token or "")
+            refresh_token=sealing.seal(
+                self._keyring, sealing.REFRESH_TOKEN, account_id, data.refresh_token or ""
+            )
             or "",
             authorization_url=data.authorization_url,
             token_url=data.token_url,
@@ -149,7 +153,7 @@ class AccountService:
             self._broker.default_account_id = account_id
         return to_out(account, state)
 
-    async def list(self, *, limit: int, offset: int) -> list[AccountOut]:
+    async def page(self, *, limit: int, offset: int) -> list[AccountOut]:
         async with self._sessions() as session:
             rows = await repo.list_accounts(session, limit=limit, offset=offset)
         return [to_out(a, s) for a, s in rows]
@@ -165,8 +169,16 @@ class AccountService:
         self, account_id: str, patch: AccountPatch, *, if_match: int | None, actor: str | None
     ) -> AccountOut:
         changes = patch.changes()
-        for name in ("name", "tenant_id", "client_id", "authorization_url", "token_url", "api_url",
-                     "default_account", "grant_type"):
+        for name in (
+            "name",
+            "tenant_id",
+            "client_id",
+            "authorization_url",
+            "token_url",
+            "api_url",
+            "default_account",
+            "grant_type",
+        ):
             if name in changes and changes[name] is None:
                 raise InvalidInput(
                     f"{name} may not be null",
@@ -213,7 +225,8 @@ class AccountService:
             )
         if "refresh_token" in columns:
             columns["refresh_token"] = (
-                sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account_id, columns["refresh_token"] or "") or ""
+                sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account_id, columns["refresh_token"] or "")
+                or ""
             )
         return columns
 
@@ -221,7 +234,9 @@ class AccountService:
         self, session: AsyncSession, account: Account, state: AccountState, changes: Mapping[str, Any]
     ) -> None:
         grant_type = changes.get("grant_type") or state.grant_type
-        has_refresh = bool(changes["refresh_token"]) if "refresh_token" in changes else bool(account.refresh_token)
+        has_refresh = (
+            bool(changes["refresh_token"]) if "refresh_token" in changes else bool(account.refresh_token)
+        )
         status = initial_status(grant_type, has_refresh)
         await repo.update_state(
             session,
@@ -239,7 +254,10 @@ class AccountService:
         )
         if status != state.status:
             await repo.add_event(
-                session, account_id=account.id, kind="status_changed", detail={"from": state.status, "to": status}
+                session,
+                account_id=account.id,
+                kind="status_changed",
+                detail={"from": state.status, "to": status},
             )
 
     async def delete(self, account_id: str, *, actor: str | None) -> None:

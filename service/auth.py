@@ -80,7 +80,9 @@ class KeyStore:
         self._by_hash = merged
 
     def put(self, principal: Principal) -> None:
-        self.replace_managed([*(p for p in self._managed.values() if p.key_id != principal.key_id), principal])
+        self.replace_managed(
+            [*(p for p in self._managed.values() if p.key_id != principal.key_id), principal]
+        )
 
     def remove(self, key_id: str) -> None:
         self.replace_managed(p for p in self._managed.values() if p.key_id != key_id)

@@ -66,7 +66,8 @@ def load_admin_keys(settings: Settings) -> list[str]:
         key, created = _read_or_create(path, new_key())
     except OSError as exc:
         raise ConfigurationError(
-            f"BROKER_ADMIN_KEYS is not set and {path} cannot be written ({exc.strerror}); set BROKER_ADMIN_KEYS."
+            f"BROKER_ADMIN_KEYS is not set and {path} cannot be written ({exc.strerror}); "
+            "set BROKER_ADMIN_KEYS."
         ) from None
     log.warning(
         "admin API key %s; read it from that file (it is not printed)",

@@ -75,7 +75,9 @@ class CachedToken:
     def __post_init__(self) -> None:
         expires = datetime.fromtimestamp(self.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.prefix = (
-            b'{"access_token":' + json.dumps(self.access_token).encode() + b',"token_type":"Bearer","expires_in":'
+            b'{"access_token":'
+            + json.dumps(self.access_token).encode()
+            + b',"token_type":"Bearer","expires_in":'
         )
         self.suffix = (
             f',"expires_at":"{expires}","api_url":{json.dumps(self.api_url)},'
@@ -355,7 +357,7 @@ class TokenBroker:
         raise exc
 
     def _backoff(self, failures: int, retry_after: float) -> float:
-        base = self._settings.backoff_base_seconds * (2 ** min(failures - 1, 16))
+        base = self._settings.backoff_base_seconds * float(2 ** min(failures - 1, 16))
         jittered = min(self._settings.backoff_max_seconds, base) * (0.5 + self._rng() / 2)
         return max(retry_after, jittered)
 
@@ -375,14 +377,18 @@ class TokenBroker:
         version = account.version or 0
         if grant.refresh_token:
             sealed = sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
-            await repo.update_account_columns(session, account.id, {"refresh_token": sealed}, expected_version=None)
+            await repo.update_account_columns(
+                session, account.id, {"refresh_token": sealed}, expected_version=None
+            )
             version += 1
         stamp = repo.utcnow()
         await repo.update_state(
             session,
             account.id,
             {
-                "access_token": sealing.seal(self._keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token),
+                "access_token": sealing.seal(
+                    self._keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token
+                ),
                 "token_expires_at": repo.from_epoch(grant.expires_at),
                 "last_refreshed_at": stamp,
                 "status": READY,
@@ -396,17 +402,24 @@ class TokenBroker:
             session,
             account_id=account.id,
             kind="token_refreshed",
-            detail={"expires_at": repo.from_epoch(grant.expires_at).isoformat() + "Z",
-                    "refresh_token_rotated": bool(grant.refresh_token)},
+            detail={
+                "expires_at": repo.from_epoch(grant.expires_at).isoformat() + "Z",
+                "refresh_token_rotated": bool(grant.refresh_token),
+            },
         )
         if state.status != READY:
             await repo.add_event(
-                session, account_id=account.id, kind="status_changed", detail={"from": state.status, "to": READY}
+                session,
+                account_id=account.id,
+                kind="status_changed",
+                detail={"from": state.status, "to": READY},
             )
             self._notify(account.id, state.status, READY, {})
         return self._entry(account.id, grant.access_token, grant.expires_at, version, account.api_url, now)
 
-    async def store_authorization(self, account_id: str, grant: TokenGrant, *, actor: str | None) -> CachedToken:
+    async def store_authorization(
+        self, account_id: str, grant: TokenGrant, *, actor: str | None
+    ) -> CachedToken:
         """Store what a code exchange returned: the refresh token and the access token, together."""
         if not grant.refresh_token:
             raise UpstreamUnavailable(

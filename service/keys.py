@@ -33,7 +33,7 @@ def _out(key: ApiKey, accounts: Sequence[str] | None) -> KeyOut:
     return KeyOut(
         id=key.id,
         name=key.name,
-        role=key.role,  # type: ignore[arg-type]
+        role=key.role,
         accounts=sorted(accounts or []) if key.scoped else None,
         prefix=key.prefix,
         created_at=key.created_at,
@@ -75,14 +75,17 @@ class KeyService:
             await session.flush()
             await repo.set_key_scope(session, key.id, data.accounts or [])
             await repo.add_event(
-                session, account_id=None, kind="key_created", actor=actor,
+                session,
+                account_id=None,
+                kind="key_created",
+                actor=actor,
                 detail={"key_id": key.id, "role": key.role, "accounts": data.accounts},
             )
         self._keystore.put(_principal(key, data.accounts))
         out = _out(key, data.accounts)
         return KeyCreated(**out.model_dump(), key=raw)
 
-    async def list(self, *, limit: int, offset: int) -> list[KeyOut]:
+    async def page(self, *, limit: int, offset: int) -> list[KeyOut]:
         async with self._sessions() as session:
             keys = await repo.list_keys(session, limit=limit, offset=offset)
             scopes = await repo.key_scopes(session, [k.id for k in keys])
@@ -112,7 +115,10 @@ class KeyService:
             await session.flush()
             scopes = (await repo.key_scopes(session, [key_id])).get(key_id, [])
             await repo.add_event(
-                session, account_id=None, kind="key_changed", actor=actor,
+                session,
+                account_id=None,
+                kind="key_changed",
+                actor=actor,
                 detail={"key_id": key_id, "fields": sorted(fields)},
             )
         self._keystore.put(_principal(key, scopes))
@@ -122,6 +128,7 @@ class KeyService:
         async with self._sessions() as session, session.begin():
             if not await repo.delete_key(session, key_id):
                 raise KeyNotFound()
-            await repo.add_event(session, account_id=None, kind="key_revoked", actor=actor,
-                                 detail={"key_id": key_id})
+            await repo.add_event(
+                session, account_id=None, kind="key_revoked", actor=actor, detail={"key_id": key_id}
+            )
         self._keystore.remove(key_id)

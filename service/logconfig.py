@@ -15,9 +15,29 @@ from typing import Any
 
 ALLOWED_EXTRA = frozenset(
     {
-        "request_id", "account_id", "outcome", "duration_ms", "status", "method", "path", "reason",
-        "error_type", "key_id", "key_fingerprint", "file", "host", "port", "revision", "count",
-        "from_status", "to_status", "code", "attempt", "rotated", "remaining", "sampled",
+        "request_id",
+        "account_id",
+        "outcome",
+        "duration_ms",
+        "status",
+        "method",
+        "path",
+        "reason",
+        "error_type",
+        "key_id",
+        "key_fingerprint",
+        "file",
+        "host",
+        "port",
+        "revision",
+        "count",
+        "from_status",
+        "to_status",
+        "code",
+        "attempt",
+        "rotated",
+        "remaining",
+        "sampled",
     }
 )
 

@@ -50,9 +50,7 @@ class Metrics:
             "broker_refreshes_in_flight", "Refreshes running in this process", registry=r
         )
         self.cache_size = Gauge("broker_token_cache_size", "Access tokens cached in memory", registry=r)
-        self.accounts_by_status = Gauge(
-            "broker_accounts", "Accounts by status", ["status"], registry=r
-        )
+        self.accounts_by_status = Gauge("broker_accounts", "Accounts by status", ["status"], registry=r)
         self.lock_wait = Histogram(
             "broker_lock_wait_seconds",
             "Time spent waiting for an account's token row lock",

@@ -168,7 +168,7 @@ async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Ac
 
 async def status_counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(AccountState.status, func.count()).group_by(AccountState.status))
-    return {status: count for status, count in rows}
+    return {str(status): int(count) for status, count in rows}
 
 
 async def stale_authorization_code_accounts(session: AsyncSession, *, older_than: datetime) -> list[str]:
@@ -228,7 +228,9 @@ async def take_pending(session: AsyncSession, state_hash: str) -> PendingAuthori
     """Consume a pending authorization: exactly one caller gets it, even across replicas."""
     pending = (
         await session.execute(
-            select(PendingAuthorization).where(PendingAuthorization.state_hash == state_hash).with_for_update()
+            select(PendingAuthorization)
+            .where(PendingAuthorization.state_hash == state_hash)
+            .with_for_update()
         )
     ).scalar_one_or_none()
     if pending is None:
@@ -243,7 +245,9 @@ async def take_pending(session: AsyncSession, state_hash: str) -> PendingAuthori
 
 
 async def list_keys(session: AsyncSession, *, limit: int, offset: int) -> list[ApiKey]:
-    rows = await session.execute(select(ApiKey).order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset))
+    rows = await session.execute(
+        select(ApiKey).order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)
+    )
     return list(rows.scalars())
 
 
@@ -340,7 +344,11 @@ async def pending_verifiers_batch(
     session: AsyncSession, *, after: str, limit: int
 ) -> list[tuple[str, str, str]]:
     rows = await session.execute(
-        select(PendingAuthorization.state_hash, PendingAuthorization.account_id, PendingAuthorization.code_verifier)
+        select(
+            PendingAuthorization.state_hash,
+            PendingAuthorization.account_id,
+            PendingAuthorization.code_verifier,
+        )
         .where(PendingAuthorization.state_hash > after)
         .order_by(PendingAuthorization.state_hash)
         .limit(limit)

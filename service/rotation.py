@@ -59,7 +59,9 @@ async def _batch(
         new_access = _rotate(keyring, sealing.ACCESS_TOKEN, account_id, access)
         changed = (new_secret != secret) + (new_refresh != refresh) + (new_access != access)
         if changed:
-            await repo.set_account_secrets(session, account_id, client_secret=new_secret, refresh_token=new_refresh)
+            await repo.set_account_secrets(
+                session, account_id, client_secret=new_secret, refresh_token=new_refresh
+            )
             await repo.set_state_token(session, account_id, new_access)
             await repo.add_event(
                 session, account_id=account_id, kind="keys_rotated", detail={"key_id": keyring.primary_key_id}
@@ -69,7 +71,9 @@ async def _batch(
     return ids[-1]
 
 
-async def rotate_all(sessions: async_sessionmaker[AsyncSession], keyring: Keyring, *, batch: int = 100) -> RotationReport:
+async def rotate_all(
+    sessions: async_sessionmaker[AsyncSession], keyring: Keyring, *, batch: int = 100
+) -> RotationReport:
     report = RotationReport()
     after = ""
     while True:

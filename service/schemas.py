@@ -109,7 +109,7 @@ class AccountList(BaseModel):
 
 class TokenOut(BaseModel):
     access_token: str
-    token_type: Literal["Bearer"] = "Bearer"
+    token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
     expires_in: int = Field(description="Seconds the token is still valid")
     expires_at: datetime
     api_url: str
@@ -117,9 +117,9 @@ class TokenOut(BaseModel):
 
 
 class AuthorizeIn(_Strict):
-    redirect_uri: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1024)] | None = (
-        None
-    )
+    redirect_uri: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1024)] | None
+    ) = None
 
 
 class AuthorizeOut(BaseModel):
@@ -130,9 +130,9 @@ class AuthorizeOut(BaseModel):
 
 class AuthorizationCodeIn(_Strict):
     code: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=8_192)]
-    redirect_uri: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1024)] | None = (
-        None
-    )
+    redirect_uri: (
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=1024)] | None
+    ) = None
 
 
 class ConnectionTestOut(BaseModel):

@@ -30,7 +30,7 @@ def _parse_if_match(value: str | None) -> int | None:
     text = text.removeprefix("W/").strip('"')
     if not text.isdigit() or len(text) > 19:
         raise InvalidInput(
-            "If-Match must be an ETag from GET /accounts/{id}, such as \"3\".",
+            'If-Match must be an ETag from GET /accounts/{id}, such as "3".',
             [{"loc": ["header", "If-Match"], "msg": "not an account ETag", "type": "etag"}],
         )
     return int(text)
@@ -52,7 +52,7 @@ async def create_account(body: AccountCreate, ctx: Ctx, admin: Admin, response: 
 
 @router.get("", response_model=AccountList, responses=ERRORS, summary="List accounts")
 async def list_accounts(ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0) -> AccountList:
-    return AccountList(items=await ctx.accounts.list(limit=limit, offset=offset), limit=limit, offset=offset)
+    return AccountList(items=await ctx.accounts.page(limit=limit, offset=offset), limit=limit, offset=offset)
 
 
 @router.get(
@@ -111,6 +111,8 @@ async def delete_account(account_id: str, ctx: Ctx, admin: Admin) -> Response:
     responses={**ERRORS, 404: {"model": Problem, "description": "account_not_found"}},
     summary="An account's history, newest first",
 )
-async def account_events(account_id: str, ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0) -> EventList:
+async def account_events(
+    account_id: str, ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0
+) -> EventList:
     items = await ctx.accounts.events(account_id, limit=limit, offset=offset)
     return EventList(items=items, limit=limit, offset=offset)

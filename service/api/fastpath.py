@@ -40,7 +40,8 @@ def _bearer(scope: Scope) -> str | None:
             scheme, _, key = value.partition(b" ")
             if scheme.lower() != b"bearer" or not key:
                 return None
-            return key.strip().decode("latin-1")
+            text: str = key.strip().decode("latin-1")
+            return text
     return None
 
 

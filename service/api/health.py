@@ -34,7 +34,9 @@ async def readyz(ctx: Ctx) -> Response:
         return _answer(503, "database_unreachable", "The database cannot be reached.")
     head = head_revision()
     if revision != head:
-        return _answer(503, "schema_behind", f"Schema is at {revision}, expected {head}: run token-broker migrate.")
+        return _answer(
+            503, "schema_behind", f"Schema is at {revision}, expected {head}: run token-broker migrate."
+        )
     return _answer(200, "ready", None)
 
 

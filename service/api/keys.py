@@ -22,8 +22,13 @@ def _keys(ctx: Ctx) -> KeyService:
     return ctx.keys
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated, responses=ERRORS,
-             summary="Create a caller key (the key is shown only in this response)")
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=KeyCreated,
+    responses=ERRORS,
+    summary="Create a caller key (the key is shown only in this response)",
+)
 async def create_key(body: KeyCreate, ctx: Ctx, admin: Admin, response: Response) -> KeyCreated:
     created = await _keys(ctx).create(body, actor=admin.fingerprint)
     response.headers["Location"] = f"/keys/{created.id}"
@@ -33,22 +38,32 @@ async def create_key(body: KeyCreate, ctx: Ctx, admin: Admin, response: Response
 
 @router.get("", response_model=KeyList, responses=ERRORS, summary="List caller keys (never their values)")
 async def list_keys(ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0) -> KeyList:
-    return KeyList(items=await _keys(ctx).list(limit=limit, offset=offset), limit=limit, offset=offset)
+    return KeyList(items=await _keys(ctx).page(limit=limit, offset=offset), limit=limit, offset=offset)
 
 
-@router.get("/{key_id}", response_model=KeyOut, responses={**ERRORS, **NOT_FOUND}, summary="Read a caller key")
+@router.get(
+    "/{key_id}", response_model=KeyOut, responses={**ERRORS, **NOT_FOUND}, summary="Read a caller key"
+)
 async def get_key(key_id: str, ctx: Ctx, _: Admin) -> KeyOut:
     return await _keys(ctx).get(key_id)
 
 
-@router.patch("/{key_id}", response_model=KeyOut, responses={**ERRORS, **NOT_FOUND},
-              summary="Rename a key or change its accounts")
+@router.patch(
+    "/{key_id}",
+    response_model=KeyOut,
+    responses={**ERRORS, **NOT_FOUND},
+    summary="Rename a key or change its accounts",
+)
 async def patch_key(key_id: str, body: KeyPatch, ctx: Ctx, admin: Admin) -> KeyOut:
     return await _keys(ctx).patch(key_id, body, actor=admin.fingerprint)
 
 
-@router.delete("/{key_id}", status_code=status.HTTP_204_NO_CONTENT, responses={**ERRORS, **NOT_FOUND},
-               summary="Revoke a caller key")
+@router.delete(
+    "/{key_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**ERRORS, **NOT_FOUND},
+    summary="Revoke a caller key",
+)
 async def delete_key(key_id: str, ctx: Ctx, admin: Admin) -> Response:
     await _keys(ctx).delete(key_id, actor=admin.fingerprint)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

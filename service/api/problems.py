@@ -21,8 +21,14 @@ from ..jsonutil import dumps
 log = logging.getLogger("service.api")
 
 PROBLEM = "application/problem+json"
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-               415: "unsupported_media_type", 400: "bad_request"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    400: "bad_request",
+}
 
 
 def problem_body(status: int, code: str, title: str, detail: str | None, **extra: Any) -> bytes:
@@ -45,7 +51,9 @@ def _clean_validation(errors: list[Any]) -> list[dict[str, Any]]:
     cleaned = []
     for err in errors:
         loc = [str(part) for part in err.get("loc", ())]
-        cleaned.append({"loc": loc, "msg": str(err.get("msg", "invalid")), "type": str(err.get("type", "invalid"))})
+        cleaned.append(
+            {"loc": loc, "msg": str(err.get("msg", "invalid")), "type": str(err.get("type", "invalid"))}
+        )
     return cleaned
 
 
@@ -58,8 +66,14 @@ def install(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = _clean_validation(list(exc.errors()))
         where = ", ".join(".".join(e["loc"][1:] or e["loc"]) + ": " + e["msg"] for e in errors[:5])
-        body = problem_body(422, "validation_error", "Invalid request", where or "The request is invalid.",
-                            errors=errors, instance=request.url.path)
+        body = problem_body(
+            422,
+            "validation_error",
+            "Invalid request",
+            where or "The request is invalid.",
+            errors=errors,
+            instance=request.url.path,
+        )
         return Response(body, status_code=422, media_type=PROBLEM)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -70,11 +84,15 @@ def install(app: FastAPI) -> None:
 
     async def storage_error(request: Request, exc: Exception) -> Response:
         log.error("database error", extra={"error_type": type(exc).__name__})
-        return problem_response(StorageUnavailable("The database cannot be reached; try again."), request.url.path)
+        return problem_response(
+            StorageUnavailable("The database cannot be reached; try again."), request.url.path
+        )
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unexpected error", extra={"error_type": type(exc).__name__, "path": request.url.path})
-        body = problem_body(500, "internal_error", "Internal error", "Something went wrong; it has been logged.")
+        body = problem_body(
+            500, "internal_error", "Internal error", "Something went wrong; it has been logged."
+        )
         return Response(body, status_code=500, media_type=PROBLEM)
 
     app.add_exception_handler(BrokerError, broker_error)

@@ -27,7 +27,10 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
     responses={
         401: {"model": Problem, "description": "Missing or invalid API key"},
         404: {"model": Problem, "description": "account_not_found (or outside the key's scope)"},
-        409: {"model": Problem, "description": "needs_authorization or invalid_credentials: a person must act"},
+        409: {
+            "model": Problem,
+            "description": "needs_authorization or invalid_credentials: a person must act",
+        },
         503: {"model": Problem, "description": "upstream_unavailable: retry after Retry-After seconds"},
     },
 )
@@ -44,6 +47,4 @@ async def get_token(
         await broker.exists(resolved)
         raise AccountNotFound(resolved)
     entry = await broker.get_token(resolved, min_ttl=min_ttl)
-    return Response(
-        entry.body(broker.now()), media_type="application/json", headers=NO_STORE
-    )
+    return Response(entry.body(broker.now()), media_type="application/json", headers=NO_STORE)

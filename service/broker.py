@@ -426,6 +426,11 @@ class TokenBroker:
                 "Azure AD returned no refresh token: the app registration must allow offline_access.",
                 reason="bad_response",
             )
+        if grant.expires_at - self.clock() < self._settings.min_token_ttl_seconds:
+            # Checked before anything is written: a failed authorization leaves the account as it was.
+            raise UpstreamUnavailable(
+                "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
+            )
         async with self._session() as session, session.begin():
             row = await repo.lock_account_state(session, account_id)
             if row is None:

@@ -96,7 +96,9 @@ def upgrade() -> None:
     )
     op.create_table(
         "broker_events",
-        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column(
+            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
+        ),
         sa.Column("account_id", sa.String(255), nullable=True),
         sa.Column("kind", sa.String(64), nullable=False),
         sa.Column("actor", sa.String(64), nullable=True),
@@ -157,10 +159,9 @@ def downgrade() -> None:
     op.drop_table("broker_leases")
     op.drop_table("broker_api_key_scopes")
     op.drop_table("broker_api_keys")
-    op.drop_index("ix_broker_events_account_id_id", table_name="broker_events")
+    # Dropping a table drops its indexes; dropping an index first fails on MySQL when a foreign
+    # key needs it.
     op.drop_table("broker_events")
-    op.drop_index("ix_broker_pending_authorizations_account_id", table_name="broker_pending_authorizations")
     op.drop_table("broker_pending_authorizations")
     op.drop_table("broker_account_state")
-    op.drop_index("uq_ms_dynamics_365_data_NAME", table_name=SEED)
     op.drop_table(SEED)

@@ -20,9 +20,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import migrate
-from service.app import create_app
 from service.api.fastpath import TokenFastPath
 from service.api.middleware import AccessLog, BodyLimit
+from service.app import create_app
 from service.crypto import generate_key
 from service.settings import Settings
 
@@ -149,8 +149,12 @@ class Running:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.asgi = TokenFastPath(AccessLog(BodyLimit(self.app, settings.max_body_bytes)), lambda: self.app.state.ctx)
-        self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.asgi), base_url="http://broker.test")
+        self.asgi = TokenFastPath(
+            AccessLog(BodyLimit(self.app, settings.max_body_bytes)), lambda: self.app.state.ctx
+        )
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.asgi), base_url="http://broker.test"
+        )
 
     @property
     def ctx(self) -> Any:
@@ -165,9 +169,8 @@ def run_app() -> Callable[[Settings], Any]:
     @contextlib.asynccontextmanager
     async def _run(settings: Settings) -> AsyncIterator[Running]:
         running = Running(settings)
-        async with running.app.router.lifespan_context(running.app):
-            async with running.client:
-                yield running
+        async with running.app.router.lifespan_context(running.app), running.client:
+            yield running
 
     return _run
 
@@ -199,4 +202,3 @@ def v1_token(access: str = "at-1", refresh: str | None = "rt-2", expires_in: int
     if refresh:
         body["refresh_token"] = refresh
     return body
-

@@ -98,7 +98,9 @@ async def test_v2_client_credentials_form(running: Any, azure: respx.MockRouter)
     route = azure.post(TOKEN_URL_V2).respond(
         200, json={"token_type": "Bearer", "expires_in": 3599, "access_token": "cc-token"}
     )
-    account_id = await create(running, token_url=TOKEN_URL_V2, grant_type="client_credentials", refresh_token=None)
+    account_id = await create(
+        running, token_url=TOKEN_URL_V2, grant_type="client_credentials", refresh_token=None
+    )
     r = await running.client.get(f"/accounts/{account_id}/token", headers=admin())
     assert r.status_code == 200, r.text
     assert r.json()["access_token"] == "cc-token"
@@ -126,7 +128,9 @@ async def test_thousand_concurrent_callers_cause_one_idp_call(running: Any, azur
     assert route.call_count == 1
 
 
-async def test_cancelled_first_caller_does_not_cancel_the_refresh(running: Any, azure: respx.MockRouter) -> None:
+async def test_cancelled_first_caller_does_not_cancel_the_refresh(
+    running: Any, azure: respx.MockRouter
+) -> None:
     """The caller that started a refresh goes away; the others still get the token."""
     held = Held(httpx.Response(200, json=v1_token("survivor", "rt-2")))
     route = azure.post(TOKEN_URL_V1).mock(side_effect=held)
@@ -145,7 +149,9 @@ async def test_cancelled_first_caller_does_not_cancel_the_refresh(running: Any, 
     assert await stored_refresh_token(running, account_id) == "rt-2"
 
 
-async def test_error_reaches_every_waiter_and_next_call_retries(running: Any, azure: respx.MockRouter) -> None:
+async def test_error_reaches_every_waiter_and_next_call_retries(
+    running: Any, azure: respx.MockRouter
+) -> None:
     """A failed refresh fails all its waiters with the same error; it is not cached."""
     held = Held(
         httpx.Response(503, json={"error": "temporarily_unavailable"}),
@@ -166,13 +172,17 @@ async def test_error_reaches_every_waiter_and_next_call_retries(running: Any, az
     assert route.call_count == 2
 
 
-async def test_invalid_grant_needs_authorization_and_is_not_retried(running: Any, azure: respx.MockRouter) -> None:
+async def test_invalid_grant_needs_authorization_and_is_not_retried(
+    running: Any, azure: respx.MockRouter
+) -> None:
     """invalid_grant answers 409 needs_authorization; Azure is not asked again until a person acts."""
     route = azure.post(TOKEN_URL_V1).respond(
         400,
         json={
             "error": "invalid_grant",
-            "error_description": "AADSTS700082: The refresh token has expired due to inactivity.\r\nTrace ID: x",
+            "error_description": (
+                "AADSTS700082: The refresh token has expired due to inactivity.\r\nTrace ID: x"
+            ),
             "error_codes": [700082],
         },
     )
@@ -190,7 +200,9 @@ async def test_invalid_grant_needs_authorization_and_is_not_retried(running: Any
     assert "AADSTS700082" in got["last_error"]["message"]
     # A new refresh token from an admin clears the block.
     route.respond(200, json=v1_token("fixed", None))
-    patched = await running.client.patch(f"/accounts/{account_id}", json={"refresh_token": "rt-new"}, headers=admin())
+    patched = await running.client.patch(
+        f"/accounts/{account_id}", json={"refresh_token": "rt-new"}, headers=admin()
+    )
     assert patched.json()["status"] == "ready"
     r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
     assert r.json()["access_token"] == "fixed"
@@ -202,7 +214,10 @@ async def test_invalid_client_is_invalid_credentials(running: Any, azure: respx.
     """invalid_client answers 409 invalid_credentials and says to fix the secret."""
     azure.post(TOKEN_URL_V1).respond(
         401,
-        json={"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."},
+        json={
+            "error": "invalid_client",
+            "error_description": "AADSTS7000215: Invalid client secret provided.",
+        },
     )
     account_id = await create(running)
     r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
@@ -270,9 +285,9 @@ async def test_min_ttl_forces_a_refresh_and_accepts_shorter_azure_lifetime(
         httpx.Response(200, json=v1_token("second", "rt-3", expires_in=1500)),
     ]
     account_id = await create(running)
-    assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).json()["access_token"] == (
-        "first"
-    )
+    assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).json()[
+        "access_token"
+    ] == ("first")
     r = await running.client.get(f"/accounts/{account_id}/token?min_ttl=2000", headers=client())
     assert r.status_code == 200
     assert r.json()["access_token"] == "second"
@@ -297,7 +312,9 @@ async def test_default_resolves_and_missing_account_is_404(running: Any, azure: 
     assert nope.json()["code"] == "account_not_found"
 
 
-async def test_no_refresh_token_needs_authorization_without_idp_call(running: Any, azure: respx.MockRouter) -> None:
+async def test_no_refresh_token_needs_authorization_without_idp_call(
+    running: Any, azure: respx.MockRouter
+) -> None:
     """An account never authorized answers 409 needs_authorization and calls nobody."""
     route = azure.post(TOKEN_URL_V1).respond(200, json=v1_token())
     account_id = await create(running, refresh_token=None)
@@ -329,7 +346,9 @@ async def test_database_down_serves_cache_and_never_redeems(running: Any, azure:
     cached = await create(running)
     cold = await create(running)
     assert (await running.client.get(f"/accounts/{cached}/token", headers=client())).status_code == 200
-    dead = create_async_engine("mysql+aiomysql://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 1})
+    dead = create_async_engine(
+        "mysql+aiomysql://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 1}
+    )
     broker = running.ctx.broker
     broker._sessions = async_sessionmaker(dead)
     try:
@@ -353,7 +372,9 @@ async def test_changing_credentials_drops_the_cached_token(running: Any, azure: 
     ]
     account_id = await create(running)
     await running.client.get(f"/accounts/{account_id}/token", headers=client())
-    await running.client.patch(f"/accounts/{account_id}", json={"client_secret": "another-secret"}, headers=admin())
+    await running.client.patch(
+        f"/accounts/{account_id}", json={"client_secret": "another-secret"}, headers=admin()
+    )
     r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
     assert r.json()["access_token"] == "new"
     assert form(route.calls[1].request)["client_secret"] == "another-secret"

@@ -241,7 +241,7 @@ class TokenBroker:
     async def _refresh_locked(
         self, account_id: str, need: float, refreshed_before: datetime | None
     ) -> CachedToken:
-        async with self._session() as session, session.begin():
+        async with self._session() as session:
             waited = time.perf_counter()
             row = await repo.lock_account_state(session, account_id)
             self._metrics.lock_wait.observe(time.perf_counter() - waited)
@@ -249,25 +249,38 @@ class TokenBroker:
                 self.forget(account_id)
                 raise AccountNotFound(account_id)
             account, state = row
-            entry = self._from_row(account, state)
-            if refreshed_before is not None:
-                if state.last_refreshed_at is not None and state.last_refreshed_at >= refreshed_before:
-                    if entry is not None:
-                        self._store(entry)
-                        return entry
-                    need = self.need_for(0)
-            elif entry is not None and entry.expires_at - self.clock() >= need:
-                # Another replica refreshed while we waited for the lock.
-                self._store(entry)
-                self._metrics.token_requests.labels("loaded").inc()
-                return entry
+            reuse = self._reusable(account, state, need, refreshed_before)
+            if reuse is not None:
+                return reuse
             self._refuse_if_blocked(state)
+            if self._settings.is_sqlite:
+                # SQLite has one writer: holding its lock across the IdP call would stall every
+                # other account. One process, single-flight per account: no lock is needed.
+                await session.commit()
             grant = await self._call_azure(session, account, state)
             entry = await self._save_grant(session, account, state, grant)
+            await session.commit()
         self._store(entry)
         self._not_before.pop(account_id, None)
         self._metrics.token_requests.labels("refreshed").inc()
         return entry
+
+    def _reusable(
+        self, account: Account, state: AccountState, need: float, refreshed_before: datetime | None
+    ) -> CachedToken | None:
+        """The stored token when it makes a call to Azure unnecessary (another replica refreshed)."""
+        entry = self._from_row(account, state)
+        if entry is None:
+            return None
+        if refreshed_before is not None:
+            fresh = state.last_refreshed_at is not None and state.last_refreshed_at >= refreshed_before
+        else:
+            fresh = entry.expires_at - self.clock() >= need
+        if fresh:
+            self._store(entry)
+            self._metrics.token_requests.labels("loaded").inc()
+            return entry
+        return None
 
     def _refuse_if_blocked(self, state: AccountState) -> None:
         now = repo.utcnow()
@@ -377,9 +390,15 @@ class TokenBroker:
         version = account.version or 0
         if grant.refresh_token:
             sealed = sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
-            await repo.update_account_columns(
-                session, account.id, {"refresh_token": sealed}, expected_version=None
+            stored = await repo.update_account_columns(
+                session, account.id, {"refresh_token": sealed}, expected_version=version
             )
+            if not stored:
+                # An admin changed the account while Azure answered (possible on SQLite, where no
+                # row lock is held): their values win; this result is dropped.
+                raise UpstreamUnavailable(
+                    "The account changed during the refresh; try again.", reason="conflict"
+                )
             version += 1
         stamp = repo.utcnow()
         await repo.update_state(

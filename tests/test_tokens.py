@@ -424,3 +424,35 @@ async def test_bad_min_ttl_is_422(running: Any, query: str) -> None:
     """min_ttl outside 0-3600 is a validation error."""
     r = await running.client.get(f"/accounts/x/token?{query}", headers=client())
     assert r.status_code == 422
+
+
+async def test_keepalive_refreshes_idle_accounts_once(
+    settings: Any, run_app: Any, azure: respx.MockRouter
+) -> None:
+    """An account idle past the keepalive interval is refreshed once, even with two replicas at it."""
+    from datetime import timedelta
+
+    from service import repository as repo
+    from service.background import keepalive_once
+
+    route = azure.post(TOKEN_URL_V1)
+    route.side_effect = [
+        httpx.Response(200, json=v1_token("a", "rt-2")),
+        httpx.Response(200, json=v1_token("b", "rt-3")),
+    ]
+    async with run_app(settings) as one, run_app(settings) as two:
+        account_id = await create(one)
+        client_only = await create(one, grant_type="client_credentials", refresh_token=None)
+        assert (await one.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
+        assert await keepalive_once(one.ctx) == 0  # refreshed just now: nothing to do
+        async with one.ctx.sessions() as session:
+            old = repo.utcnow() - timedelta(days=2)
+            await repo.update_state(session, account_id, {"last_refreshed_at": old})
+            await session.commit()
+        # Two replicas at once on MySQL (the row lock decides); SQLite serves one process only.
+        replicas = [one.ctx] if settings.is_sqlite else [one.ctx, two.ctx]
+        done = await asyncio.gather(*(keepalive_once(ctx) for ctx in replicas))
+        assert sum(done) >= 1
+        assert route.call_count == 2
+        assert await stored_refresh_token(one, account_id) == "rt-3"
+        assert all(not c.request.content.decode().count(client_only) for c in route.calls)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from collections.abc import Iterable
@@ -50,8 +51,33 @@ class Principal:
         return self.accounts is None or account_id in self.accounts
 
 
+@dataclass(frozen=True)
+class KeyUsage:
+    """What one key did since its usage was last written: when it was last used, how often."""
+
+    key_id: str | None  # None for keys from the environment
+    fingerprint: str
+    last_used: float  # epoch seconds
+    count: int
+    key_hash: str = field(repr=False)
+
+
+# A local change, replayed over a snapshot of the database that may predate it.
+_Change = tuple[str, str, Principal | None]
+
+
 class KeyStore:
-    """The keys this replica accepts. Mutated only by replacing whole entries (no awaits)."""
+    """The keys this replica accepts. Mutated only by replacing whole entries (no awaits).
+
+    A local change (``put``/``remove``/``drop_account``) applies at once. The periodic reload
+    (``replace_managed(..., since=mark())``) replays the local changes made after its ``mark``
+    over what it read, so a reload that read the database before a change cannot undo it (a
+    revoked key must not come back, not even for one sync interval).
+
+    Usage is counted per key on the hot path (two dictionary writes, no I/O); ``take_usage``
+    hands a key's usage out at most once per ``every`` seconds, so that ``last_used_at`` and the
+    sampled ``tokens_fetched`` events are written at most once a minute per key.
+    """
 
     def __init__(self, *, admin_keys: Iterable[str] = (), client_keys: Iterable[str] = ()) -> None:
         self._static: dict[str, Principal] = {}
@@ -61,45 +87,110 @@ class KeyStore:
                 self._static[digest] = Principal(None, role, None, fingerprint(raw), digest)
         self._managed: dict[str, Principal] = {}
         self._by_hash: dict[str, Principal] = dict(self._static)
-        self._used: dict[str, float] = {}
+        self._seq = 0
+        self._changes: list[tuple[int, _Change]] = []
+        self._last_used: dict[str, float] = {}  # key hash -> epoch seconds of the last use
+        self._count: dict[str, int] = {}  # key hash -> uses since last handed out
+        self._handed_out: dict[str, float] = {}  # key hash -> monotonic time of the last hand-out
 
     def lookup(self, raw: str) -> Principal | None:
         digest = hash_key(raw)
         found = self._by_hash.get(digest)
         if found is None or not hmac.compare_digest(found.key_hash, digest):
             return None
-        if found.key_id is not None:
-            self._used[found.key_id] = time.time()
+        self._last_used[digest] = time.time()
+        self._count[digest] = self._count.get(digest, 0) + 1
         return found
 
-    def replace_managed(self, principals: Iterable[Principal]) -> None:
+    # -- the managed keys -----------------------------------------------------------------------
+
+    def mark(self) -> int:
+        """Take before reading the keys from the database; pass to ``replace_managed``."""
+        return self._seq
+
+    def replace_managed(self, principals: Iterable[Principal], *, since: int | None = None) -> None:
+        """Replace the managed keys with ``principals`` (read from the database).
+
+        With ``since`` (a ``mark()`` taken before the read), local changes made after the mark
+        are applied again on top. Without it, ``principals`` are the whole truth.
+        """
         managed = {p.key_hash: p for p in principals}
+        if since is None:
+            self._changes = []
+        else:
+            self._changes = [(seq, change) for seq, change in self._changes if seq > since]
+            for _, change in self._changes:
+                managed = _apply(managed, change)
+        self._install(managed)
+
+    def _install(self, managed: dict[str, Principal]) -> None:
         merged = dict(managed)
         merged.update(self._static)  # environment keys win a (practically impossible) collision
         self._managed = managed
         self._by_hash = merged
 
+    def _change(self, change: _Change) -> None:
+        self._seq += 1
+        self._changes.append((self._seq, change))
+        self._install(_apply(self._managed, change))
+
     def put(self, principal: Principal) -> None:
-        self.replace_managed(
-            [*(p for p in self._managed.values() if p.key_id != principal.key_id), principal]
-        )
+        assert principal.key_id is not None
+        self._change(("put", principal.key_id, principal))
 
     def remove(self, key_id: str) -> None:
-        self.replace_managed(p for p in self._managed.values() if p.key_id != key_id)
+        self._change(("remove", key_id, None))
 
     def drop_account(self, account_id: str) -> None:
-        self.replace_managed(
-            p
-            if p.accounts is None or account_id not in p.accounts
-            else Principal(p.key_id, p.role, p.accounts - {account_id}, p.fingerprint, p.key_hash)
-            for p in self._managed.values()
-        )
+        self._change(("drop_account", account_id, None))
 
-    def take_usage(self) -> dict[str, float]:
-        """The keys used since the last call, with when; the caller persists them."""
-        used, self._used = self._used, {}
-        return used
+    # -- usage ----------------------------------------------------------------------------------
+
+    def take_usage(self, *, every: float = 60.0) -> list[KeyUsage]:
+        """The keys used since their usage was last taken, for those last taken ``every``
+        seconds ago or more (or never); the others stay pending. The caller persists them."""
+        now = time.monotonic()
+        taken: list[KeyUsage] = []
+        for digest in list(self._last_used):
+            if now - self._handed_out.get(digest, -math.inf) < every:
+                continue
+            last_used = self._last_used.pop(digest)
+            count = self._count.pop(digest, 0)
+            principal = self._by_hash.get(digest)
+            if principal is None:  # revoked meanwhile
+                continue
+            self._handed_out[digest] = now
+            taken.append(KeyUsage(principal.key_id, principal.fingerprint, last_used, count, digest))
+        for digest, when in list(self._handed_out.items()):
+            if now - when >= every:
+                del self._handed_out[digest]  # as good as never: keeps the map small
+        return taken
+
+    def give_back(self, usage: Iterable[KeyUsage]) -> None:
+        """Usage that could not be written: pending again, due at the next ``take_usage``."""
+        for item in usage:
+            digest = item.key_hash
+            self._handed_out.pop(digest, None)
+            self._last_used[digest] = max(self._last_used.get(digest, 0.0), item.last_used)
+            self._count[digest] = self._count.get(digest, 0) + item.count
 
     @property
     def has_static_admin(self) -> bool:
         return any(p.role == ADMIN for p in self._static.values())
+
+
+def _apply(managed: dict[str, Principal], change: _Change) -> dict[str, Principal]:
+    kind, target, principal = change
+    if kind == "put":
+        assert principal is not None
+        out = {h: p for h, p in managed.items() if p.key_id != target}
+        out[principal.key_hash] = principal
+        return out
+    if kind == "remove":
+        return {h: p for h, p in managed.items() if p.key_id != target}
+    return {  # drop_account
+        h: p
+        if p.accounts is None or target not in p.accounts
+        else Principal(p.key_id, p.role, p.accounts - {target}, p.fingerprint, p.key_hash)
+        for h, p in managed.items()
+    }

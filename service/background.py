@@ -3,7 +3,8 @@
 * sync (every ``BROKER_SYNC_INTERVAL_SECONDS``, at most 5 s): drop cached tokens of accounts
   changed or deleted elsewhere (their VERSION moved), learn the default account, reload the
   managed API keys (so a revocation reaches every replica within the interval), and write
-  ``last_used_at`` of keys (at most once a minute per key).
+  ``last_used_at`` of keys and a sampled ``tokens_fetched`` event with the count of requests
+  each key made (at most once a minute per key, never a row per request).
 * keepalive: Azure refresh tokens die after 90 days unused; every authorization-code account not
   refreshed within ``BROKER_KEEPALIVE_INTERVAL_SECONDS`` is refreshed. The token row lock makes
   this one replica at a time per account; the others see the fresh ``last_refreshed_at``.
@@ -24,20 +25,49 @@ from .keys import load_principals
 
 log = logging.getLogger("service.background")
 
+# last_used_at and the sampled tokens_fetched events: at most once a minute per key.
+KEY_USAGE_EVERY_SECONDS = 60.0
+
 
 async def sync_once(ctx: Context) -> None:
+    mark = ctx.keystore.mark()
     async with ctx.sessions() as session:
         versions = await repo.account_versions(session)
         principals = await load_principals(session)
         counts = await repo.status_counts(session)
-        used = ctx.keystore.take_usage()
-        if used:
-            await repo.touch_keys(session, {k: repo.from_epoch(t) for k, t in used.items()})
-            await session.commit()
     ctx.broker.apply_versions(versions)
-    ctx.keystore.replace_managed(principals)
+    ctx.keystore.replace_managed(principals, since=mark)
     for status in ("ready", "needs_authorization", "invalid_credentials", "failing"):
         ctx.metrics.accounts_by_status.labels(status).set(counts.get(status, 0))
+    await write_key_usage(ctx)
+
+
+async def write_key_usage(ctx: Context) -> None:
+    """``last_used_at`` and one sampled ``tokens_fetched`` event per key that was used, each
+    key at most once per ``KEY_USAGE_EVERY_SECONDS`` (the keys used more recently wait)."""
+    usage = ctx.keystore.take_usage(every=KEY_USAGE_EVERY_SECONDS)
+    if not usage:
+        return
+    try:
+        async with ctx.sessions() as session, session.begin():
+            touched = {u.key_id: repo.from_epoch(u.last_used) for u in usage if u.key_id is not None}
+            if touched:
+                await repo.touch_keys(session, touched)
+            for u in usage:
+                await repo.add_event(
+                    session,
+                    account_id=None,
+                    kind="tokens_fetched",
+                    actor=u.fingerprint,
+                    detail={
+                        "key_id": u.key_id,
+                        "requests": u.count,
+                        "last_used_at": repo.from_epoch(u.last_used).isoformat() + "Z",
+                    },
+                )
+    except BaseException:
+        ctx.keystore.give_back(usage)
+        raise
 
 
 async def keepalive_once(ctx: Context) -> int:

@@ -34,7 +34,7 @@ def _out(key: ApiKey, accounts: Sequence[str] | None) -> KeyOut:
         id=key.id,
         name=key.name,
         role=key.role,
-        accounts=sorted(accounts or []) if key.scoped else None,
+        accounts=sorted(set(accounts or ())) if key.scoped else None,
         prefix=key.prefix,
         created_at=key.created_at,
         last_used_at=key.last_used_at,

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     lock_wait_seconds: int = Field(default=20, ge=1, le=600)
     max_wait_seconds: float = Field(default=30.0, gt=0, le=600)
     backoff_base_seconds: float = Field(default=1.0, ge=0)
-    backoff_max_seconds: float = Field(default=60.0, ge=0)
+    backoff_max_seconds: float = Field(default=10.0, ge=0)
     keepalive_interval_seconds: int = Field(default=86_400, ge=60)
     sync_interval_seconds: float = Field(default=5.0, gt=0, le=5.0)
     max_body_bytes: int = Field(default=65_536, ge=1_024)
@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     access_log_sample_rate: float = Field(default=0.0, ge=0, le=1)
     webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    # Webhook delivery (service/webhooks.py): how often the lease holder looks for new events,
+    # how long one POST may take, and how often a failing delivery is tried before giving up.
+    webhook_poll_seconds: float = Field(default=2.0, gt=0, le=60)
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=30)
+    webhook_max_attempts: int = Field(default=6, ge=1, le=20)
+    webhook_backoff_base_seconds: float = Field(default=5.0, ge=0, le=300)
+    webhook_backoff_max_seconds: float = Field(default=120.0, ge=0, le=3_600)
+    # How long a gap in event ids may be an uncommitted transaction before it is skipped (MySQL).
+    webhook_gap_grace_seconds: float = Field(default=10.0, ge=0, le=300)
     create_schema: bool = False
 
     @model_validator(mode="after")

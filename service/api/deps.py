@@ -28,6 +28,10 @@ def get_principal(
 ) -> Principal:
     if credentials is None or not credentials.credentials:
         raise Unauthorized()
+    # Set by the token fast path when it already looked this request's key up.
+    found: Principal | None = getattr(request.state, "principal", None)
+    if found is not None:
+        return found
     found = get_context(request).keystore.lookup(credentials.credentials)
     if found is None:
         raise Unauthorized("The API key is not valid (or has been revoked).")

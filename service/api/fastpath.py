@@ -67,6 +67,8 @@ class TokenFastPath:
         principal = ctx.keystore.lookup(key)
         if principal is None:
             return False
+        # The route behind us reuses it: one hash, and one usage count, per request.
+        scope.setdefault("state", {})["principal"] = principal
         broker = ctx.broker
         if account_id == "default":
             account_id = broker.default_account_id or ""

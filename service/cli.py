@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=5,
     )
     server = _Server(config)
-    asyncio.run(server.serve())
+    server.run()  # uvicorn's loop factory: uvloop when installed
     if not server.started:
         log.error("refusing to serve: start-up failed (see the error above)")
         return 1

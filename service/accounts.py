@@ -262,8 +262,10 @@ class AccountService:
 
     async def delete(self, account_id: str, *, actor: str | None) -> None:
         async with self._sessions() as session, session.begin():
-            if not await repo.delete_account(session, account_id):
+            # Looked up exactly first: a case-insensitive collation must not delete a near-miss id.
+            if await repo.lock_account_state(session, account_id) is None:
                 raise AccountNotFound(account_id)
+            await repo.delete_account(session, account_id)
             await repo.add_event(session, account_id=account_id, kind="deleted", actor=actor)
         self._broker.forget(account_id)
         if self._broker.default_account_id == account_id:

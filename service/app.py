@@ -15,11 +15,11 @@ import httpx
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from . import background, bootstrap
+from . import background, bootstrap, webhooks
 from .accounts import AccountService
 from .api import accounts, health, keys, oauth, problems, tokens
 from .api.fastpath import TokenFastPath
-from .api.middleware import AccessLog, BodyLimit
+from .api.middleware import AccessLog, BodyLimit, RequireKey
 from .auth import KeyStore
 from .azure_ad import AzureADClient
 from .broker import TokenBroker
@@ -92,14 +92,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        webhook_url = webhooks.check_url(settings)  # a bad URL refuses start-up before anything opens
         ctx = await build_context(settings)
         await background.sync_once(ctx)
+        await ctx.broker.preload()
         app.state.ctx = ctx
         tasks = background.start(ctx)
+        notifier = await webhooks.start(ctx, webhook_url) if webhook_url else None
         try:
             yield
         finally:
             ctx.extras["draining"] = True
+            if notifier is not None:
+                await notifier.aclose()
             await close_context(ctx, tasks)
             app.state.ctx = None
 
@@ -114,17 +119,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = None
     problems.install(app)
+    problems.install_openapi(app)
     for router in (accounts.router, tokens.router, keys.router, oauth.router, health.router):
         app.include_router(router)
     return app
 
 
+def wrap(app: FastAPI, settings: Settings) -> TokenFastPath:
+    """The layers in front of FastAPI: token fast path, access log, key check, body limit."""
+
+    def context() -> Context | None:
+        ctx: Context | None = app.state.ctx
+        return ctx
+
+    inner = AccessLog(RequireKey(BodyLimit(app, settings.max_body_bytes), context))
+    return TokenFastPath(inner, context)
+
+
 def create_asgi(settings: Settings | None = None) -> TokenFastPath:
-    """The served application: the token fast path in front of the access log and FastAPI."""
+    """The served application: ``create_app`` behind the layers of ``wrap``."""
     settings = settings or Settings()
-    app = create_app(settings)
-    inner = AccessLog(BodyLimit(app, settings.max_body_bytes))
-    return TokenFastPath(inner, lambda: app.state.ctx)
+    return wrap(create_app(settings), settings)
 
 
 __all__ = ["FastAPI", "create_app", "create_asgi"]

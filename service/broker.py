@@ -117,6 +117,7 @@ class TokenBroker:
         self._background: set[asyncio.Task[Any]] = set()
         self.status_listeners: list[StatusListener] = []
         self._closed = False
+        self._min_ttl = float(settings.min_token_ttl_seconds)
 
     # -- the hot path ---------------------------------------------------------------------------
 
@@ -129,10 +130,10 @@ class TokenBroker:
         if entry.expires_at - now < need:
             return None
         if now >= entry.refresh_at:
-            self._metrics.stale_served.inc()
+            self._metrics.tokens["stale_served"] += 1
             self.refresh_in_background(account_id)
         else:
-            self._metrics.hit.inc()
+            self._metrics.tokens["hit"] += 1
         return entry
 
     def now(self) -> float:
@@ -143,7 +144,7 @@ class TokenBroker:
             return await repo.get_account(session, account_id) is not None
 
     def need_for(self, min_ttl: float) -> float:
-        return max(float(self._settings.min_token_ttl_seconds), min_ttl)
+        return max(self._min_ttl, min_ttl)
 
     # -- the waiting path -----------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class TokenBroker:
         entry = self._from_row(*row)
         if entry is not None and entry.expires_at - self.clock() >= need:
             self._store(entry)
-            self._metrics.token_requests.labels("loaded").inc()
+            self._metrics.tokens["loaded"] += 1
             return entry
         return await self._refresh_locked(account_id, need, None)
 
@@ -258,12 +259,34 @@ class TokenBroker:
                 # other account. One process, single-flight per account: no lock is needed.
                 await session.commit()
             grant = await self._call_azure(session, account, state)
-            entry = await self._save_grant(session, account, state, grant)
-            await session.commit()
+            try:
+                entry = await self._save_grant(session, account, state, grant)
+                await session.commit()
+            except SQLAlchemyError:
+                entry = self._unsaved(account, grant)
         self._store(entry)
         self._not_before.pop(account_id, None)
-        self._metrics.token_requests.labels("refreshed").inc()
+        self._metrics.tokens["refreshed"] += 1
         return entry
+
+    def _unsaved(self, account: Account, grant: TokenGrant) -> CachedToken:
+        """The database failed after Azure answered: the access token is valid, so it is served from
+        memory; a rotated refresh token is lost here (Azure keeps the old one valid; a strictly
+        single-use IdP will answer invalid_grant next time, and the account will say so)."""
+        if grant.refresh_token:
+            self._metrics.refresh_token_unsaved.inc()
+        log.error(
+            "refresh result could not be stored",
+            extra={"account_id": account.id, "rotated": bool(grant.refresh_token)},
+        )
+        return self._entry(
+            account.id,
+            grant.access_token,
+            grant.expires_at,
+            account.version or 0,
+            account.api_url,
+            self.clock(),
+        )
 
     def _reusable(
         self, account: Account, state: AccountState, need: float, refreshed_before: datetime | None
@@ -278,7 +301,7 @@ class TokenBroker:
             fresh = entry.expires_at - self.clock() >= need
         if fresh:
             self._store(entry)
-            self._metrics.token_requests.labels("loaded").inc()
+            self._metrics.tokens["loaded"] += 1
             return entry
         return None
 
@@ -528,6 +551,21 @@ class TokenBroker:
             raise StorageUnavailable("The database cannot be reached.", reason="database") from None
         except SQLAlchemyError:
             raise StorageUnavailable("The database cannot be reached.", reason="database") from None
+
+    async def preload(self) -> int:
+        """Fill the cache with every stored token still worth serving, in one query.
+
+        A restarted replica then answers its first request for each account from memory instead
+        of one database read per account (seconds of cold start with thousands of accounts).
+        """
+        valid_after = repo.from_epoch(self.clock() + self._min_ttl)
+        async with self._session() as session:
+            rows = await repo.accounts_with_tokens(session, valid_after=valid_after)
+        for account, state in rows:
+            entry = self._from_row(account, state)
+            if entry is not None:
+                self._store(entry)
+        return len(self.cache)
 
     # -- invalidation (admin changes, other replicas) -----------------------------------------
 

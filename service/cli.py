@@ -37,6 +37,9 @@ class _Server(uvicorn.Server):
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+                # Already stopping: a second signal must not kill the process mid-teardown
+                # (the default handler would, and the exit status would not be 0).
+                signal.signal(sig, signal.SIG_IGN)
 
     def _stop(self) -> None:
         log.info("shutting down")
@@ -50,11 +53,29 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+async def _preflight(settings: Settings) -> None:
+    """Every start-up refusal, before uvicorn runs: a ``ConfigurationError`` becomes one plain line
+    and exit status 2 in ``main`` (inside the lifespan uvicorn would print a traceback, exit 3)."""
+    from . import bootstrap, webhooks
+    from .db import create_engine, create_sessionmaker
+
+    webhooks.check_url(settings)
+    keyring = bootstrap.load_keyring(settings)
+    bootstrap.load_admin_keys(settings)
+    engine = create_engine(settings)
+    try:
+        await bootstrap.check_schema(engine)
+        await bootstrap.check_keys(create_sessionmaker(engine), keyring)
+    finally:
+        await engine.dispose()
+
+
 def serve(args: argparse.Namespace) -> int:
     from .app import create_asgi
 
     settings = _settings(args)
     logconfig.configure(settings.log_level)
+    asyncio.run(_preflight(settings))
     config = uvicorn.Config(
         create_asgi(settings),
         host=settings.host,
@@ -65,7 +86,9 @@ def serve(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
-        timeout_keep_alive=5,
+        # Longer than clients' and load balancers' idle timeouts (httpx: 5 s), so the server never
+        # closes a connection a client is about to reuse.
+        timeout_keep_alive=75,
     )
     server = _Server(config)
     server.run()  # uvicorn's loop factory: uvloop when installed

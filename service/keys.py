@@ -56,7 +56,18 @@ class KeyService:
                 [{"loc": ["body", "accounts"], "msg": "unknown account id", "type": "unknown_account"}],
             )
 
+    @staticmethod
+    def _refuse_scoped_admin(role: str, accounts: Sequence[str] | None) -> None:
+        # Scopes limit which tokens a key may fetch; an admin key can manage accounts and mint keys,
+        # so a scope on it would be a promise the broker does not keep.
+        if role == "admin" and accounts is not None:
+            raise InvalidInput(
+                "Admin keys cannot be scoped to accounts; use a client key with accounts.",
+                [{"loc": ["body", "accounts"], "msg": "admin keys are unscoped", "type": "scoped_admin"}],
+            )
+
     async def create(self, data: KeyCreate, *, actor: str | None) -> KeyCreated:
+        self._refuse_scoped_admin(data.role, data.accounts)
         raw = new_key()
         now = repo.utcnow()
         key = ApiKey(
@@ -105,9 +116,21 @@ class KeyService:
             key = await repo.get_key(session, key_id)
             if key is None:
                 raise KeyNotFound()
-            if "name" in fields and data.name is not None:
+            if "name" in fields:
+                if data.name is None:
+                    raise InvalidInput(
+                        "name may not be null",
+                        [
+                            {
+                                "loc": ["body", "name"],
+                                "msg": "name may not be null",
+                                "type": "null_not_allowed",
+                            }
+                        ],
+                    )
                 key.name = data.name
             if "accounts" in fields:
+                self._refuse_scoped_admin(key.role, data.accounts)
                 await self._check_accounts(session, data.accounts)
                 key.scoped = data.accounts is not None
                 await repo.set_key_scope(session, key_id, data.accounts or [])
@@ -126,8 +149,9 @@ class KeyService:
 
     async def delete(self, key_id: str, *, actor: str | None) -> None:
         async with self._sessions() as session, session.begin():
-            if not await repo.delete_key(session, key_id):
+            if await repo.get_key(session, key_id) is None:
                 raise KeyNotFound()
+            await repo.delete_key(session, key_id)
             await repo.add_event(
                 session, account_id=None, kind="key_revoked", actor=actor, detail={"key_id": key_id}
             )

@@ -67,5 +67,6 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # httpx logs each request URL at INFO; URLs are safe but noisy, and uvicorn's own access
     # log would print query strings (OAuth codes): ours replaces it.
-    for name in ("httpx", "httpcore", "uvicorn.access", "alembic"):
+    # The database drivers log every statement with its parameters (ciphertexts, key hashes) at DEBUG.
+    for name in ("httpx", "httpcore", "uvicorn.access", "alembic", "aiosqlite", "aiomysql", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)

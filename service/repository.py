@@ -34,6 +34,12 @@ def from_epoch(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC).replace(tzinfo=None)
 
 
+def storable_id(value: str) -> bool:
+    """Whether an id could be stored at all: a longer one, or one with 4-byte characters that
+    MySQL's utf8 columns reject (an error, not a miss), names no row."""
+    return 0 < len(value) <= 255 and all(ord(ch) <= 0xFFFF for ch in value)
+
+
 def _is_name_conflict(exc: IntegrityError) -> bool:
     text = str(exc.orig).lower()
     return "name" in text and ("duplicate" in text or "unique" in text)
@@ -75,6 +81,8 @@ async def insert_account(session: AsyncSession, account: Account, state: Account
 
 
 async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
+    if not storable_id(account_id):
+        return None
     row = (
         await session.execute(
             select(Account, AccountState)
@@ -83,7 +91,20 @@ async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, 
             .execution_options(populate_existing=True)
         )
     ).first()
-    return (row[0], row[1]) if row else None
+    # MySQL's utf8 collation matches 'ABC' and 'abc ' to 'abc': only the exact id counts.
+    return (row[0], row[1]) if row and row[0].id == account_id else None
+
+
+async def accounts_with_tokens(
+    session: AsyncSession, *, valid_after: datetime
+) -> list[tuple[Account, AccountState]]:
+    """Every account whose stored access token is still valid at ``valid_after``."""
+    rows = await session.execute(
+        select(Account, AccountState)
+        .join(AccountState, AccountState.account_id == Account.id)
+        .where(AccountState.access_token.is_not(None), AccountState.token_expires_at > valid_after)
+    )
+    return [(a, s) for a, s in rows]
 
 
 async def default_account_id(session: AsyncSession) -> str | None:
@@ -148,6 +169,8 @@ async def delete_account(session: AsyncSession, account_id: str) -> bool:
 
 async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
     """Lock the account's token row (waits at most the lock timeout), then read both rows fresh."""
+    if not storable_id(account_id):
+        return None
     state = (
         await session.execute(
             select(AccountState)
@@ -163,7 +186,7 @@ async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Ac
             select(Account).where(Account.id == account_id).execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
-    return (account, state) if account is not None else None
+    return (account, state) if account is not None and account.id == account_id else None
 
 
 async def status_counts(session: AsyncSession) -> dict[str, int]:
@@ -252,7 +275,10 @@ async def list_keys(session: AsyncSession, *, limit: int, offset: int) -> list[A
 
 
 async def get_key(session: AsyncSession, key_id: str) -> ApiKey | None:
-    return await session.get(ApiKey, key_id)
+    if not storable_id(key_id):
+        return None
+    key = await session.get(ApiKey, key_id)
+    return key if key is not None and key.id == key_id else None
 
 
 async def key_scopes(session: AsyncSession, key_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
@@ -273,10 +299,11 @@ async def set_key_scope(session: AsyncSession, key_id: str, account_ids: Sequenc
 
 
 async def existing_account_ids(session: AsyncSession, account_ids: Sequence[str]) -> set[str]:
-    if not account_ids:
+    candidates = [a for a in account_ids if storable_id(a)]
+    if not candidates:
         return set()
-    rows = await session.execute(select(Account.id).where(Account.id.in_(list(account_ids))))
-    return set(rows.scalars())
+    rows = await session.execute(select(Account.id).where(Account.id.in_(candidates)))
+    return set(rows.scalars()) & set(candidates)  # exact matches only (case-insensitive collation)
 
 
 async def all_keys(session: AsyncSession) -> list[ApiKey]:

@@ -7,17 +7,33 @@ URLs are checked against the outbound policy by ``accounts.py``, which knows the
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# The database keeps naive UTC; responses carry RFC 3339 with the offset ("...Z").
+Timestamp = Annotated[datetime, AfterValidator(lambda v: v if v.tzinfo else v.replace(tzinfo=UTC))]
 
 GrantType = Literal["authorization_code", "client_credentials"]
 Status = Literal["ready", "needs_authorization", "invalid_credentials", "failing"]
 Role = Literal["admin", "client"]
 
-Text255 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
-Url255 = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255)]
+
+def storable(value: str) -> str:
+    """Refuse what the seed table's ``utf8`` (3-byte) columns cannot hold, on every database alike."""
+    if any(ord(ch) > 0xFFFF for ch in value):
+        raise ValueError("must not contain characters outside the Basic Multilingual Plane (such as emoji)")
+    return value
+
+
+Text255 = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255), AfterValidator(storable)
+]
+Url255 = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=255), AfterValidator(storable)
+]
+AccountRef = Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]
 Secret128 = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 RefreshToken = Annotated[str, StringConstraints(min_length=1, max_length=16_384)]
 
@@ -25,7 +41,7 @@ RefreshToken = Annotated[str, StringConstraints(min_length=1, max_length=16_384)
 def _no_control_chars(value: str | None) -> str | None:
     if value is not None and any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         raise ValueError("must not contain control characters")
-    return value
+    return storable(value) if value is not None else None
 
 
 def _ascii_secret(value: str | None) -> str | None:
@@ -79,7 +95,7 @@ class AccountPatch(_Strict):
 class LastError(BaseModel):
     code: str
     message: str | None = None
-    at: datetime | None = None
+    at: Timestamp | None = None
 
 
 class AccountOut(BaseModel):
@@ -96,8 +112,8 @@ class AccountOut(BaseModel):
     has_client_secret: bool
     has_refresh_token: bool
     status: Status
-    token_expires_at: datetime | None = None
-    last_refreshed_at: datetime | None = None
+    token_expires_at: Timestamp | None = None
+    last_refreshed_at: Timestamp | None = None
     last_error: LastError | None = None
 
 
@@ -111,7 +127,7 @@ class TokenOut(BaseModel):
     access_token: str
     token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
     expires_in: int = Field(description="Seconds the token is still valid")
-    expires_at: datetime
+    expires_at: Timestamp
     api_url: str
     account_id: str
 
@@ -125,7 +141,7 @@ class AuthorizeIn(_Strict):
 class AuthorizeOut(BaseModel):
     authorization_url: str
     state: str
-    expires_at: datetime
+    expires_at: Timestamp
 
 
 class AuthorizationCodeIn(_Strict):
@@ -152,7 +168,7 @@ class EventOut(BaseModel):
     kind: str
     actor: str | None
     detail: dict[str, Any] | None
-    created_at: datetime
+    created_at: Timestamp
 
 
 class EventList(BaseModel):
@@ -164,16 +180,16 @@ class EventList(BaseModel):
 class KeyCreate(_Strict):
     name: Text255
     role: Role = "client"
-    accounts: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] | None = Field(
-        default=None, max_length=10_000
-    )
+    accounts: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]] | None
+    ) = Field(default=None, max_length=10_000)
 
 
 class KeyPatch(_Strict):
     name: Text255 | None = None
-    accounts: list[Annotated[str, StringConstraints(min_length=1, max_length=255)]] | None = Field(
-        default=None, max_length=10_000
-    )
+    accounts: (
+        list[Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]] | None
+    ) = Field(default=None, max_length=10_000)
 
 
 class KeyOut(BaseModel):
@@ -182,8 +198,8 @@ class KeyOut(BaseModel):
     role: Role
     accounts: list[str] | None
     prefix: str
-    created_at: datetime
-    last_used_at: datetime | None = None
+    created_at: Timestamp
+    last_used_at: Timestamp | None = None
 
 
 class KeyCreated(KeyOut):
@@ -205,3 +221,6 @@ class Problem(BaseModel):
     detail: str | None = None
     code: str
     instance: str | None = None
+    errors: list[dict[str, Any]] | None = Field(default=None, description="Per-field problems (422)")
+    reason: str | None = Field(default=None, description="Why a 503 happened")
+    retry_after: int | None = Field(default=None, description="Seconds to wait (503)")

@@ -20,9 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import migrate
-from service.api.fastpath import TokenFastPath
-from service.api.middleware import AccessLog, BodyLimit
-from service.app import create_app
+from service.app import create_app, wrap
 from service.crypto import generate_key
 from service.settings import Settings
 
@@ -149,9 +147,7 @@ class Running:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.asgi = TokenFastPath(
-            AccessLog(BodyLimit(self.app, settings.max_body_bytes)), lambda: self.app.state.ctx
-        )
+        self.asgi = wrap(self.app, settings)
         self.client = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=self.asgi), base_url="http://broker.test"
         )

@@ -148,7 +148,8 @@ class ReplicaSet:
                     pass
                 if time.monotonic() > deadline:
                     raise TimeoutError(
-                        f"replica {replica.index} was not ready within {self.ready_timeout} s:\n{replica.tail()}"
+                        f"replica {replica.index} was not ready within {self.ready_timeout} s:\n"
+                        + replica.tail()
                     )
                 time.sleep(0.1)
 
@@ -249,7 +250,9 @@ class ReplicaSet:
 
     def output(self) -> str:
         """Everything every replica printed, every start, in one string."""
-        return "\n".join(path.read_text(errors="replace") for r in self.replicas for path in r.logs if path.exists())
+        return "\n".join(
+            path.read_text(errors="replace") for r in self.replicas for path in r.logs if path.exists()
+        )
 
     def log_files(self) -> list[Path]:
         return [path for r in self.replicas for path in r.logs]

@@ -76,7 +76,9 @@ async def test_account_without_refresh_token_needs_authorization(running: Any) -
         ({"api_url": "not a url"}, "api_url"),
     ],
 )
-async def test_urls_are_validated_with_the_field_named(running: Any, change: dict[str, str], field: str) -> None:
+async def test_urls_are_validated_with_the_field_named(
+    running: Any, change: dict[str, str], field: str
+) -> None:
     """A URL that is not https on an allowed host is 422 naming the field and why."""
     before = await snapshot(running)
     r = await running.client.post("/accounts", json=account_body(**change), headers=admin())
@@ -114,8 +116,13 @@ async def test_bad_bodies_are_422_and_echo_no_secret(running: Any, body: dict[st
 
 async def test_malformed_json_and_wrong_content_type(running: Any) -> None:
     """Broken JSON and non-JSON bodies are 422 problem documents."""
-    for content, ctype in ((b"{not json", "application/json"), (b"name=x", "application/x-www-form-urlencoded")):
-        r = await running.client.post("/accounts", content=content, headers={**admin(), "content-type": ctype})
+    for content, ctype in (
+        (b"{not json", "application/json"),
+        (b"name=x", "application/x-www-form-urlencoded"),
+    ):
+        r = await running.client.post(
+            "/accounts", content=content, headers={**admin(), "content-type": ctype}
+        )
         assert r.status_code == 422
         assert r.headers["content-type"] == "application/problem+json"
     assert await snapshot(running) == []
@@ -124,7 +131,9 @@ async def test_malformed_json_and_wrong_content_type(running: Any) -> None:
 async def test_oversized_body_is_refused_early(running: Any) -> None:
     """A body over the limit is 413 before it is parsed."""
     big = b'{"name": "' + b"x" * 100_000 + b'"}'
-    r = await running.client.post("/accounts", content=big, headers={**admin(), "content-type": "application/json"})
+    r = await running.client.post(
+        "/accounts", content=big, headers={**admin(), "content-type": "application/json"}
+    )
     assert r.status_code == 413
     assert r.json()["code"] == "payload_too_large"
 

@@ -127,18 +127,28 @@ async def test_create_shows_the_key_once_and_reads_never_show_it(running: Runnin
 
 
 async def test_unscoped_key_and_admin_role(running: Running, idp: respx.MockRouter) -> None:
-    """`accounts: null` makes an unscoped key; a managed admin key can manage keys."""
+    """`accounts: null` makes an unscoped key; a managed admin key manages keys and cannot be scoped."""
     account_id = await new_account(running)
     unscoped = await new_key(running, None)
     assert unscoped["accounts"] is None
     assert (await token(running, unscoped["key"], account_id)).status_code == 200
-    boss = await new_key(running, [], role="admin")
+    # A scope on an admin key would be a promise not kept (it can manage accounts and mint keys).
+    for scope in ([], [account_id]):
+        refused = await running.client.post(
+            "/keys", json={"name": "scoped boss", "role": "admin", "accounts": scope}, headers=admin()
+        )
+        assert refused.status_code == 422
+        assert refused.json()["errors"][0]["type"] == "scoped_admin"
+    boss = await new_key(running, None, role="admin")
     assert boss["role"] == "admin"
     r = await running.client.get("/keys", headers=bearer(boss["key"]))
     assert r.status_code == 200
     assert len(r.json()["items"]) == 2
-    # An admin key with an empty scope administers but fetches no token.
-    assert (await token(running, boss["key"], account_id)).status_code == 404
+    assert (await token(running, boss["key"], account_id)).status_code == 200
+    rescope = await running.client.patch(
+        f"/keys/{boss['id']}", json={"accounts": [account_id]}, headers=admin()
+    )
+    assert rescope.status_code == 422
 
 
 async def test_patch_changes_name_and_accounts(running: Running, idp: respx.MockRouter) -> None:
@@ -481,7 +491,9 @@ def worlds(draw: st.DrawFn) -> tuple[int, int | None, list[tuple[str, frozenset[
     n = draw(st.integers(3, 5))
     default = draw(st.none() | st.integers(0, n - 1))
     scope = st.none() | st.frozensets(st.integers(0, n - 1), max_size=n)
-    keys = draw(st.lists(st.tuples(st.sampled_from(["client", "admin"]), scope), min_size=2, max_size=4))
+    # Admin keys are always unscoped (a scoped one is refused); client keys take any scope.
+    key = st.tuples(st.just("client"), scope) | st.tuples(st.just("admin"), st.none())
+    keys = draw(st.lists(key, min_size=2, max_size=4))
     return n, default, keys
 
 

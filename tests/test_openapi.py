@@ -90,7 +90,8 @@ def test_docs_render_offline_in_headless_chromium(tmp_path: Path) -> None:
         common = [
             chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000", "--window-size=1280,2400",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000",
+            "--window-size=1280,2400",
         ]  # fmt: skip
         dom = subprocess.run(
             [*common, "--dump-dom", f"{base}/docs"], capture_output=True, text=True, timeout=90, check=False

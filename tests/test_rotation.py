@@ -48,7 +48,9 @@ async def test_rotate_then_drop_the_old_key(
         for _ in range(3):
             r = await running.client.post("/accounts", json=account_body(), headers=admin())
             ids.append(r.json()["id"])
-            assert (await running.client.get(f"/accounts/{ids[-1]}/token", headers=client())).status_code == 200
+            assert (
+                await running.client.get(f"/accounts/{ids[-1]}/token", headers=client())
+            ).status_code == 200
     old_id, new_id = Keyring.from_strings([old]).primary_key_id, Keyring.from_strings([new]).primary_key_id
     assert await stored_key_ids(settings_old) == {old_id}
 
@@ -56,7 +58,9 @@ async def test_rotate_then_drop_the_old_key(
     async with run_app(settings_both) as running:
         # Rotation runs while the service answers token requests.
         calls = [running.client.get(f"/accounts/{i}/token", headers=client()) for i in ids for _ in range(10)]
-        report, *answers = await asyncio.gather(rotate_all(running.ctx.sessions, running.ctx.keyring, batch=2), *calls)
+        report, *answers = await asyncio.gather(
+            rotate_all(running.ctx.sessions, running.ctx.keyring, batch=2), *calls
+        )
         assert all(a.status_code == 200 for a in answers)
         assert report.accounts == 3
         assert report.values == 9
@@ -92,7 +96,9 @@ async def test_wrong_key_refuses_to_start_naming_the_key_id(
             pass
     # Nothing was changed by the failed start: the right key still works.
     async with run_app(make_settings(database_url, tmp_path, encryption_keys=right)) as running:
-        assert (await running.client.get("/accounts", headers=admin())).json()["items"][0]["has_client_secret"]
+        assert (await running.client.get("/accounts", headers=admin())).json()["items"][0][
+            "has_client_secret"
+        ]
 
 
 def test_mysql_without_encryption_keys_is_refused(tmp_path: Path) -> None:
@@ -108,7 +114,11 @@ def test_cli_generate_key_and_rotate_keys(tmp_path: Path) -> None:
     """`token-broker generate-key` prints a key as its last line; `rotate-keys` runs on a database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     gen = subprocess.run(
-        [sys.executable, "-m", "service.cli", "generate-key"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-m", "service.cli", "generate-key"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     key = gen.stdout.strip().splitlines()[-1]
     Keyring.from_strings([key])
@@ -119,7 +129,11 @@ def test_cli_generate_key_and_rotate_keys(tmp_path: Path) -> None:
     }
     subprocess.run([sys.executable, "-m", "service.cli", "migrate"], capture_output=True, env=env, check=True)
     rotated = subprocess.run(
-        [sys.executable, "-m", "service.cli", "rotate-keys"], capture_output=True, text=True, env=env, check=True
+        [sys.executable, "-m", "service.cli", "rotate-keys"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     assert "re-encrypted 0 values" in rotated.stdout
     assert key not in rotated.stdout + rotated.stderr

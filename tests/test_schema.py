@@ -45,7 +45,9 @@ async def test_upgrade_matches_models_and_downgrade_removes_everything(database_
     try:
         async with engine.connect() as conn:
             assert await conn.run_sync(_diff) == []
-            assert {"ms_dynamics_365_data", "broker_account_state", "broker_events"} <= await conn.run_sync(_tables)
+            assert {"ms_dynamics_365_data", "broker_account_state", "broker_events"} <= await conn.run_sync(
+                _tables
+            )
         assert await migrate.current_revision(engine) == migrate.head_revision()
         await migrate.downgrade(database_url, "base")
         async with engine.connect() as conn:
@@ -63,8 +65,9 @@ async def test_seed_table_is_exactly_the_guide_ddl_on_mariadb(mysql_url: str) ->
     try:
         async with engine.connect() as conn:
             rows = await conn.exec_driver_sql(
-                "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT FROM information_schema.COLUMNS "
-                "WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'ms_dynamics_365_data' ORDER BY ORDINAL_POSITION"
+                "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE, COLUMN_DEFAULT "
+                "FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() "
+                "AND TABLE_NAME = 'ms_dynamics_365_data' ORDER BY ORDINAL_POSITION"
             )
             columns = [tuple(r) for r in rows]
             table = (
@@ -80,7 +83,9 @@ async def test_seed_table_is_exactly_the_guide_ddl_on_mariadb(mysql_url: str) ->
             indexes = {(r[0], r[1], int(r[2])) for r in keys}
     finally:
         await engine.dispose()
-    normalized = [(n, t, nullable, d.strip("'") if isinstance(d, str) else d) for n, t, nullable, d in columns]
+    normalized = [
+        (n, t, nullable, d.strip("'") if isinstance(d, str) else d) for n, t, nullable, d in columns
+    ]
     assert normalized == SEED_COLUMNS
     assert table[0] == "InnoDB"
     assert table[1].startswith("utf8")
@@ -88,7 +93,9 @@ async def test_seed_table_is_exactly_the_guide_ddl_on_mariadb(mysql_url: str) ->
     assert ("uq_ms_dynamics_365_data_NAME", "NAME", 0) in indexes
 
 
-async def test_app_refuses_to_start_when_schema_is_behind(database_url: str, tmp_path: Any, run_app: Any) -> None:
+async def test_app_refuses_to_start_when_schema_is_behind(
+    database_url: str, tmp_path: Any, run_app: Any
+) -> None:
     """Start-up fails with a message naming `token-broker migrate` when the schema is not at head."""
     import pytest
 

@@ -456,3 +456,26 @@ async def test_keepalive_refreshes_idle_accounts_once(
         assert route.call_count == 2
         assert await stored_refresh_token(one, account_id) == "rt-3"
         assert all(not c.request.content.decode().count(client_only) for c in route.calls)
+
+
+async def test_database_failing_after_azure_answered_serves_and_counts_the_loss(
+    running: Any, azure: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the result cannot be stored, the valid access token is still served and the loss counted."""
+    from sqlalchemy.exc import OperationalError
+
+    from service import repository
+
+    azure.post(TOKEN_URL_V1).respond(200, json=v1_token("unsaved", "rt-rotated"))
+    account_id = await create(running)
+
+    async def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise OperationalError("UPDATE broker_account_state", {}, Exception("server has gone away"))
+
+    monkeypatch.setattr(repository, "update_state", broken)
+    r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
+    monkeypatch.undo()
+    assert r.status_code == 200
+    assert r.json()["access_token"] == "unsaved"
+    assert running.ctx.metrics.refresh_token_unsaved._value.get() == 1
+    assert await stored_refresh_token(running, account_id) == REFRESH_TOKEN  # rolled back, not half-written

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Response, status
 
 from ..errors import InvalidInput
 from ..schemas import AccountCreate, AccountList, AccountOut, AccountPatch, EventList, Problem
-from .deps import Admin, Ctx, Limit, Offset
+from .deps import AccountId, Admin, Ctx, Limit, Offset
 
 router = APIRouter(prefix="/accounts", tags=["accounts"])
 
@@ -61,7 +61,7 @@ async def list_accounts(ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 
     responses={**ERRORS, 404: {"model": Problem, "description": "account_not_found"}},
     summary="Read an account (secrets are never returned)",
 )
-async def get_account(account_id: str, ctx: Ctx, _: Admin, response: Response) -> AccountOut:
+async def get_account(account_id: AccountId, ctx: Ctx, _: Admin, response: Response) -> AccountOut:
     account = await ctx.accounts.get(account_id)
     response.headers["ETag"] = _etag(account)
     return account
@@ -79,7 +79,7 @@ async def get_account(account_id: str, ctx: Ctx, _: Admin, response: Response) -
     summary="Change an account",
 )
 async def patch_account(
-    account_id: str,
+    account_id: AccountId,
     body: AccountPatch,
     ctx: Ctx,
     admin: Admin,
@@ -99,7 +99,7 @@ async def patch_account(
     responses={**ERRORS, 404: {"model": Problem, "description": "account_not_found"}},
     summary="Delete an account and its cached tokens",
 )
-async def delete_account(account_id: str, ctx: Ctx, admin: Admin) -> Response:
+async def delete_account(account_id: AccountId, ctx: Ctx, admin: Admin) -> Response:
     await ctx.accounts.delete(account_id, actor=admin.fingerprint)
     ctx.keystore.drop_account(account_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -112,7 +112,7 @@ async def delete_account(account_id: str, ctx: Ctx, admin: Admin) -> Response:
     summary="An account's history, newest first",
 )
 async def account_events(
-    account_id: str, ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0
+    account_id: AccountId, ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0
 ) -> EventList:
     items = await ctx.accounts.events(account_id, limit=limit, offset=offset)
     return EventList(items=items, limit=limit, offset=offset)

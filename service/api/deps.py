@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..auth import Principal
@@ -48,5 +48,8 @@ def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Princi
 Ctx = Annotated[Context, Depends(get_context)]
 Caller = Annotated[Principal, Depends(get_principal)]
 Admin = Annotated[Principal, Depends(get_admin)]
+# An id the tables cannot hold (too long, 4-byte characters) is simply not found: see repository.
+AccountId = Annotated[str, Path(description="Account id, or `default`")]
+KeyId = Annotated[str, Path(description="Key id")]
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size (at most 500)")]
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Items to skip")]

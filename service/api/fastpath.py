@@ -14,6 +14,7 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..context import Context
+from .middleware import bearer_key
 
 _PREFIX = "/accounts/"
 _SUFFIX = "/token"
@@ -34,21 +35,11 @@ def _min_ttl(query: bytes) -> int | None:
     return number if number <= 3600 else None
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            scheme, _, key = value.partition(b" ")
-            if scheme.lower() != b"bearer" or not key:
-                return None
-            text: str = key.strip().decode("latin-1")
-            return text
-    return None
-
-
 class TokenFastPath:
     def __init__(self, app: ASGIApp, context: Callable[[], Context | None]) -> None:
         self.app = app
         self.context = context
+        self._ctx: Context | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -58,10 +49,11 @@ class TokenFastPath:
         await self.app(scope, receive, send)
 
     async def _hit(self, scope: Scope, send: Send, path: str) -> bool:
-        ctx = self.context()
+        ctx = self._ctx or self.context()
+        self._ctx = ctx  # the app's context lives as long as the app; asked for once
         account_id = path[len(_PREFIX) : -len(_SUFFIX)]
         min_ttl = _min_ttl(scope["query_string"])
-        key = _bearer(scope)
+        key = bearer_key(scope["headers"])
         if ctx is None or not account_id or "/" in account_id or min_ttl is None or key is None:
             return False
         principal = ctx.keystore.lookup(key)

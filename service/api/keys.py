@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 
 from ..keys import KeyService
 from ..schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyPatch, Problem
-from .deps import Admin, Ctx, Limit, Offset
+from .deps import Admin, Ctx, KeyId, Limit, Offset
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 
@@ -44,7 +44,7 @@ async def list_keys(ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0) -
 @router.get(
     "/{key_id}", response_model=KeyOut, responses={**ERRORS, **NOT_FOUND}, summary="Read a caller key"
 )
-async def get_key(key_id: str, ctx: Ctx, _: Admin) -> KeyOut:
+async def get_key(key_id: KeyId, ctx: Ctx, _: Admin) -> KeyOut:
     return await _keys(ctx).get(key_id)
 
 
@@ -54,7 +54,7 @@ async def get_key(key_id: str, ctx: Ctx, _: Admin) -> KeyOut:
     responses={**ERRORS, **NOT_FOUND},
     summary="Rename a key or change its accounts",
 )
-async def patch_key(key_id: str, body: KeyPatch, ctx: Ctx, admin: Admin) -> KeyOut:
+async def patch_key(key_id: KeyId, body: KeyPatch, ctx: Ctx, admin: Admin) -> KeyOut:
     return await _keys(ctx).patch(key_id, body, actor=admin.fingerprint)
 
 
@@ -64,6 +64,6 @@ async def patch_key(key_id: str, body: KeyPatch, ctx: Ctx, admin: Admin) -> KeyO
     responses={**ERRORS, **NOT_FOUND},
     summary="Revoke a caller key",
 )
-async def delete_key(key_id: str, ctx: Ctx, admin: Admin) -> Response:
+async def delete_key(key_id: KeyId, ctx: Ctx, admin: Admin) -> Response:
     await _keys(ctx).delete(key_id, actor=admin.fingerprint)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -9,9 +9,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..auth import Principal
+from ..context import Context
+from ..errors import BrokerError, Forbidden, Unauthorized
 from .problems import PROBLEM, problem_body
 
 access_log = logging.getLogger("service.access")
@@ -116,5 +121,72 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from ``receive``: FastAPI re-raises HTTP exceptions met while reading a body, so the
+    problem handler answers 413 (any other exception there becomes FastAPI's own 400)."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "Request body too large")
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/oauth/callback"})
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path == "/docs" or path.startswith("/docs/")
+
+
+def _may_client(method: str, path: str) -> bool:
+    return method in ("GET", "HEAD") and path.startswith("/accounts/") and path.endswith("/token")
+
+
+class RequireKey:
+    """Check the API key before anything reads the request body.
+
+    FastAPI parses a body before running dependencies, so without this a malformed body would be
+    answered 422 to a caller without a valid key. The route dependencies (``api/deps.py``) check
+    again and document the scheme in OpenAPI; the principal found here is handed to them.
+    """
+
+    def __init__(self, app: ASGIApp, context: Callable[[], Context | None]) -> None:
+        self.app = app
+        self.context = context
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx = self.context()
+        if scope["type"] != "http" or ctx is None or _is_public(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        principal: Principal | None = state.get("principal")
+        if principal is None:
+            key = bearer_key(scope["headers"])
+            principal = ctx.keystore.lookup(key) if key else None
+        if principal is None:
+            await _problem(send, scope, Unauthorized())
+            return
+        if not principal.is_admin and not _may_client(scope["method"], scope["path"]):
+            await _problem(send, scope, Forbidden("This operation needs an admin API key."))
+            return
+        state["principal"] = principal
+        await self.app(scope, receive, send)
+
+
+def bearer_key(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header, or None."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, key = value.partition(b" ")
+            if scheme.lower() == b"bearer" and key.strip():
+                return key.strip().decode("latin-1")
+            return None
+    return None
+
+
+async def _problem(send: Send, scope: Scope, error: BrokerError) -> None:
+    """The same document ``problems.problem_response`` renders, sent below the framework."""
+    body = problem_body(error.status, error.code, error.title, error.detail, instance=scope["path"])
+    headers = [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

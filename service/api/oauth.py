@@ -27,7 +27,7 @@ from service.schemas import (
     Problem,
 )
 
-from .deps import Admin, Ctx
+from .deps import AccountId, Admin, Ctx
 from .problems import PROBLEM, problem_response
 
 router = APIRouter(tags=["authorization"])
@@ -85,7 +85,7 @@ def _page_or_problem(description: str) -> dict[str, object]:
     ),
 )
 async def authorize(
-    account_id: str,
+    account_id: AccountId,
     ctx: Ctx,
     admin: Admin,
     response: Response,
@@ -166,7 +166,7 @@ async def oauth_callback(
     ),
 )
 async def authorization_code(
-    account_id: str, body: AuthorizationCodeIn, ctx: Ctx, admin: Admin
+    account_id: AccountId, body: AuthorizationCodeIn, ctx: Ctx, admin: Admin
 ) -> AccountOut:
     service = AuthorizationService.from_context(ctx)
     return await service.paste(account_id, body.code, body.redirect_uri, actor=admin.fingerprint)
@@ -182,7 +182,7 @@ async def authorization_code(
         "business unit ids, or `ok` false with `reason`, `message` and `next_step`."
     ),
 )
-async def test_connection(account_id: str, ctx: Ctx, admin: Admin) -> ConnectionTestOut:
+async def test_connection(account_id: AccountId, ctx: Ctx, admin: Admin) -> ConnectionTestOut:
     service = AuthorizationService.from_context(ctx)
     return await service.test_connection(account_id, actor=admin.fingerprint)
 

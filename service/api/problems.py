@@ -100,3 +100,32 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(SQLAlchemyError, storage_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Document every error as what it is: ``application/problem+json`` with the Problem schema.
+
+    FastAPI files error models under ``application/json`` and its own validation error model;
+    the service answers RFC 9457 documents, so the generated document is corrected once here.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = generate()
+        problem = {"schema": {"$ref": "#/components/schemas/Problem"}}
+        for item in spec.get("paths", {}).values():
+            for operation in item.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status.isdigit() and int(status) >= 400 and "application/json" in content:
+                        del content["application/json"]
+                        content[PROBLEM] = problem
+        schemas = spec.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from ..errors import AccountNotFound
+from ..errors import AccountNotFound, BrokerError, NotFound
 from ..schemas import Problem, TokenOut
-from .deps import Caller, Ctx
+from .deps import AccountId, Caller, Ctx
 
 router = APIRouter(tags=["tokens"])
 
@@ -35,16 +35,21 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
     },
 )
 async def get_token(
-    account_id: str,
+    account_id: AccountId,
     ctx: Ctx,
     caller: Caller,
     min_ttl: Annotated[int, Query(ge=0, le=3600, description="Seconds of validity required")] = 0,
 ) -> Response:
     broker = ctx.broker
-    resolved = await broker.resolve(account_id) if account_id == "default" else account_id
-    if not caller.may_use(resolved):
-        # Answer exactly as for a missing account, after the same database look-up.
-        await broker.exists(resolved)
-        raise AccountNotFound(resolved)
-    entry = await broker.get_token(resolved, min_ttl=min_ttl)
+    try:
+        resolved = await broker.resolve(account_id) if account_id == "default" else account_id
+        if not caller.may_use(resolved):
+            # Answer exactly as for a missing account, after the same database look-up.
+            await broker.exists(resolved)
+            raise AccountNotFound(resolved)
+        entry = await broker.get_token(resolved, min_ttl=min_ttl)
+    except BrokerError as exc:
+        outcome = "not_found" if isinstance(exc, NotFound) else exc.code
+        ctx.metrics.tokens[outcome] = ctx.metrics.tokens.get(outcome, 0) + 1
+        raise
     return Response(entry.body(broker.now()), media_type="application/json", headers=NO_STORE)

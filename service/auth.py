@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+DIGEST_MEMO_SIZE = 4096
 ADMIN = "admin"
 CLIENT = "client"
 
@@ -92,12 +93,19 @@ class KeyStore:
         self._last_used: dict[str, float] = {}  # key hash -> epoch seconds of the last use
         self._count: dict[str, int] = {}  # key hash -> uses since last handed out
         self._handed_out: dict[str, float] = {}  # key hash -> monotonic time of the last hand-out
+        # Hashes of keys that were valid when presented, so a busy caller is not hashed on every
+        # request. Only found keys enter it, so a wrong key is always hashed in full: rejection
+        # time still does not depend on how much of a key is right.
+        self._digests: dict[str, str] = {}
 
     def lookup(self, raw: str) -> Principal | None:
-        digest = hash_key(raw)
+        digest = self._digests.get(raw) or hash_key(raw)
         found = self._by_hash.get(digest)
         if found is None or not hmac.compare_digest(found.key_hash, digest):
             return None
+        if len(self._digests) >= DIGEST_MEMO_SIZE:
+            self._digests.clear()
+        self._digests[raw] = digest
         self._last_used[digest] = time.time()
         self._count[digest] = self._count.get(digest, 0) + 1
         return found

@@ -103,9 +103,10 @@ class KeyStore:
         found = self._by_hash.get(digest)
         if found is None or not hmac.compare_digest(found.key_hash, digest):
             return None
-        if len(self._digests) >= DIGEST_MEMO_SIZE:
-            self._digests.clear()
-        self._digests[raw] = digest
+        if raw not in self._digests:
+            if len(self._digests) >= DIGEST_MEMO_SIZE:
+                self._digests.clear()
+            self._digests[raw] = digest
         self._last_used[digest] = time.time()
         self._count[digest] = self._count.get(digest, 0) + 1
         return found

@@ -58,6 +58,13 @@ INVALID_CREDENTIALS = "invalid_credentials"
 FAILING = "failing"
 
 
+RESPONSE_HEADERS = (
+    (b"content-type", b"application/json"),
+    (b"cache-control", b"no-store"),
+    (b"pragma", b"no-cache"),
+)
+
+
 @dataclass(eq=False)
 class CachedToken:
     """One account's access token, with its response body encoded once (all but expires_in)."""
@@ -71,6 +78,8 @@ class CachedToken:
     obtained_at: float
     prefix: bytes = field(repr=False, default=b"")
     suffix: bytes = field(repr=False, default=b"")
+    # The last (seconds left, body, headers) built: the body changes once a second, not per request.
+    _last: tuple[int, bytes, list[tuple[bytes, bytes]]] = field(repr=False, default=(-1, b"", []))
 
     def __post_init__(self) -> None:
         expires = datetime.fromtimestamp(self.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -85,7 +94,17 @@ class CachedToken:
         ).encode()
 
     def body(self, now: float) -> bytes:
-        return self.prefix + str(int(self.expires_at - now)).encode() + self.suffix
+        return self.response(now)[0]
+
+    def response(self, now: float) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """The body and its HTTP headers, built at most once per second of remaining lifetime."""
+        left = int(self.expires_at - now)
+        last = self._last
+        if last[0] != left:
+            body = self.prefix + str(left).encode() + self.suffix
+            headers = [*RESPONSE_HEADERS, (b"content-length", str(len(body)).encode())]
+            last = self._last = (left, body, headers)
+        return last[1], last[2]
 
 
 StatusListener = Callable[[str, str, str, dict[str, Any]], None]

@@ -18,11 +18,7 @@ from .middleware import bearer_key
 
 _PREFIX = "/accounts/"
 _SUFFIX = "/token"
-_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"cache-control", b"no-store"),
-    (b"pragma", b"no-cache"),
-]
+_START, _END = len(_PREFIX), -len(_SUFFIX)
 
 
 def _min_ttl(query: bytes) -> int | None:
@@ -51,31 +47,24 @@ class TokenFastPath:
     async def _hit(self, scope: Scope, send: Send, path: str) -> bool:
         ctx = self._ctx or self.context()
         self._ctx = ctx  # the app's context lives as long as the app; asked for once
-        account_id = path[len(_PREFIX) : -len(_SUFFIX)]
-        min_ttl = _min_ttl(scope["query_string"])
+        account_id = path[_START:_END]
+        query = scope["query_string"]
+        min_ttl = _min_ttl(query) if query else 0
         key = bearer_key(scope["headers"])
         if ctx is None or not account_id or "/" in account_id or min_ttl is None or key is None:
             return False
         principal = ctx.keystore.lookup(key)
         if principal is None:
             return False
-        # The route behind us reuses it: one hash, and one usage count, per request.
-        scope.setdefault("state", {})["principal"] = principal
         broker = ctx.broker
         if account_id == "default":
             account_id = broker.default_account_id or ""
-        if not account_id or not principal.may_use(account_id):
-            return False
-        entry = broker.peek(account_id, broker.need_for(min_ttl))
+        entry = broker.peek(account_id, broker.need_for(min_ttl)) if principal.may_use(account_id) else None
         if entry is None:
+            # The route behind us reuses the principal: one hash, and one usage count, per request.
+            scope.setdefault("state", {})["principal"] = principal
             return False
-        body = entry.body(broker.now())
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [*_HEADERS, (b"content-length", str(len(body)).encode())],
-            }
-        )
+        body, headers = entry.response(broker.now())
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         return True

@@ -107,9 +107,6 @@ class CachedToken:
         return last[1], last[2]
 
 
-StatusListener = Callable[[str, str, str, dict[str, Any]], None]
-
-
 class TokenBroker:
     def __init__(
         self,
@@ -134,7 +131,6 @@ class TokenBroker:
         self._inflight: dict[str, asyncio.Task[CachedToken]] = {}
         self._not_before: dict[str, tuple[float, Unavailable]] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self.status_listeners: list[StatusListener] = []
         self._closed = False
         self._min_ttl = float(settings.min_token_ttl_seconds)
 
@@ -407,8 +403,6 @@ class TokenBroker:
                 detail={"from": state.status, "to": status, "code": values["last_error_code"]},
             )
         await session.commit()
-        if status != state.status:
-            self._notify(account_id, state.status, status, detail)
         raise exc
 
     def _backoff(self, failures: int, retry_after: float) -> float:
@@ -475,7 +469,6 @@ class TokenBroker:
                 kind="status_changed",
                 detail={"from": state.status, "to": READY},
             )
-            self._notify(account.id, state.status, READY, {})
         return self._entry(account.id, grant.access_token, grant.expires_at, version, account.api_url, now)
 
     async def store_authorization(
@@ -550,10 +543,6 @@ class TokenBroker:
         if current is None or current.expires_at <= entry.expires_at or current.version < entry.version:
             self.cache[entry.account_id] = entry
         self._metrics.cache_size.set(len(self.cache))
-
-    def _notify(self, account_id: str, old: str, new: str, detail: dict[str, Any]) -> None:
-        for listener in self.status_listeners:
-            listener(account_id, old, new, detail)
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[AsyncSession]:

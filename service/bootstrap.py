@@ -30,7 +30,7 @@ ADMIN_KEY_FILE = "admin.key"
 def _read_or_create(path: Path, make: str) -> tuple[str, bool]:
     if path.exists():
         return path.read_text().strip(), False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(make + "\n")

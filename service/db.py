@@ -31,7 +31,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     if settings.is_sqlite:
         path = sqlite_path(url)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         engine = create_async_engine(url, connect_args={"timeout": settings.lock_wait_seconds})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)

@@ -7,7 +7,6 @@ re-reads it sees what another replica committed, and never waits on a lock forev
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -76,9 +75,3 @@ def _sqlite_begin(conn: Any) -> None:
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
-
-
-def secure_file(path: Path) -> None:
-    """Make a file readable by its owner only (keys and the embedded database)."""
-    if path.exists():
-        os.chmod(path, 0o600)

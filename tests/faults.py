@@ -196,7 +196,7 @@ def async_clients(urls: list[str], key: str, *, connections: int = 50, timeout: 
 
 
 async def wait_for(
-    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.1, what: str = "condition"
+    predicate: Callable[[], Any], *, within: float, interval: float = 0.1, what: str = "condition"
 ) -> float:
     """Poll ``predicate`` (sync or async) until truthy; returns the seconds it took."""
     started = time.monotonic()
@@ -206,8 +206,8 @@ async def wait_for(
             result = await result
         if result:
             return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what} did not hold within {timeout:.1f} s")
+        if time.monotonic() - started > within:
+            raise AssertionError(f"{what} did not hold within {within:.1f} s")
         await asyncio.sleep(interval)
 
 
@@ -240,7 +240,9 @@ class Broker:
             for n in range(count):
                 tenant, client_id = str(uuid.uuid4()), str(uuid.uuid4())
                 secret = f"fault-secret~{secrets.token_urlsafe(16)}"
-                self.fake.control("clients", {"client_id": client_id, "client_secret": secret, "tenant": tenant})
+                self.fake.control(
+                    "clients", {"client_id": client_id, "client_secret": secret, "tenant": tenant}
+                )
                 refresh = self.fake.control("refresh_tokens", {"client_id": client_id})["refresh_token"]
                 style = "/v2.0" if n % 2 else ""
                 body = {
@@ -347,8 +349,8 @@ class PrivateMariaDB:
         base.mkdir(parents=True, exist_ok=True)
         user = ["--user=root"] if os.geteuid() == 0 else []
         done = subprocess.run(
-            [self.install, "--no-defaults", f"--datadir={self.datadir}", "--auth-root-authentication-method=normal",
-             "--skip-test-db", *user],
+            [self.install, "--no-defaults", f"--datadir={self.datadir}",
+             "--auth-root-authentication-method=normal", "--skip-test-db", *user],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         if done.returncode != 0:
@@ -413,7 +415,9 @@ class PrivateMariaDB:
 # -- the report ---------------------------------------------------------------------------------
 
 
-def report(scenario: str, tried: str, held: str, tally: Tally | None = None, **figures: Any) -> dict[str, Any]:
+def report(
+    scenario: str, tried: str, held: str, tally: Tally | None = None, **figures: Any
+) -> dict[str, Any]:
     """Print one scenario's figures; append them to ``BROKER_FAULTS_REPORT`` when set."""
     row: dict[str, Any] = {"scenario": scenario, "tried": tried, "held": held, "scale": SCALE}
     if tally is not None:
@@ -442,3 +446,95 @@ def latency_figures(tally: Tally, *phases: str) -> dict[str, float]:
         "p99_ms": round(tally.percentile(0.99, *phases) * 1000, 1),
         "max_ms": round(max(values) * 1000, 1),
     }
+
+
+# -- a lean HTTP/1.1 client for the load test ----------------------------------------------------
+
+
+class RawConnection:
+    """One caller's own keep-alive connection to one replica: GET only, Content-Length bodies.
+
+    httpx spends far more CPU per request than the broker does: on a 2-core machine it, not the
+    replicas, would set the figures. This reads the response with two stream calls instead.
+    A GET on a reused connection that the server closed before answering is sent once more on a
+    new connection (as any HTTP client does); ``reconnects`` counts those.
+    """
+
+    def __init__(self, host: str, port: int, key: str) -> None:
+        self.host, self.port = host, port
+        self.auth = f"Authorization: Bearer {key}\r\nHost: {host}:{port}\r\n".encode()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.reconnects = 0
+
+    async def _open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def get(self, path: str) -> tuple[int, bytes]:
+        for attempt in (0, 1):
+            fresh = self.writer is None
+            if fresh:
+                await self._open()
+            assert self.reader is not None
+            assert self.writer is not None
+            try:
+                self.writer.write(b"GET " + path.encode() + b" HTTP/1.1\r\n" + self.auth + b"\r\n")
+                head = await self.reader.readuntil(b"\r\n\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError):
+                await self.close()
+                if fresh or attempt:
+                    raise
+                self.reconnects += 1
+                continue
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = await self.reader.readexactly(length)
+            if b"connection: close" in head.lower():
+                await self.close()
+            return status, body
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(Exception):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+# -- refresh tokens lost ------------------------------------------------------------------------
+
+
+async def lost_refresh_tokens(
+    database_url: str, encryption_keys: str, broker: Broker, stats: dict[str, Any]
+) -> list[str]:
+    """Accounts whose stored refresh token (decrypted) is not one the fake IdP still accepts.
+
+    ``stats`` must be the fake's stats taken after the last refresh (no call in flight).
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from service import repository as repo
+    from service import sealing
+    from service.crypto import Keyring
+    from service.db import create_sessionmaker
+
+    keyring = Keyring.from_strings([k for k in encryption_keys.split(",") if k])
+    engine = create_async_engine(database_url)
+    lost: list[str] = []
+    try:
+        async with create_sessionmaker(engine)() as session:
+            for account in broker.accounts:
+                row = await repo.get_account(session, account)
+                assert row is not None, account
+                stored = sealing.unseal(keyring, sealing.REFRESH_TOKEN, account, row[0].refresh_token)
+                valid = stats["valid_refresh_tokens"].get(broker.client_of[account], [])
+                if stored not in valid:
+                    lost.append(account)
+    finally:
+        await engine.dispose()
+    return lost

@@ -80,6 +80,7 @@ class CachedToken:
     suffix: bytes = field(repr=False, default=b"")
     # The last (seconds left, body, headers) built: the body changes once a second, not per request.
     _last: tuple[int, bytes, list[tuple[bytes, bytes]]] = field(repr=False, default=(-1, b"", []))
+    _headers: dict[int, list[tuple[bytes, bytes]]] = field(repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         expires = datetime.fromtimestamp(self.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -102,7 +103,13 @@ class CachedToken:
         last = self._last
         if last[0] != left:
             body = self.prefix + str(left).encode() + self.suffix
-            headers = [*RESPONSE_HEADERS, (b"content-length", str(len(body)).encode())]
+            # The headers differ only by the body's length, i.e. by the digits of expires_in.
+            headers = self._headers.get(len(body))
+            if headers is None:
+                headers = self._headers[len(body)] = [
+                    *RESPONSE_HEADERS,
+                    (b"content-length", str(len(body)).encode()),
+                ]
             last = self._last = (left, body, headers)
         return last[1], last[2]
 

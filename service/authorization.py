@@ -30,9 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from . import repository as repo
 from . import sealing
 from .accounts import AccountService
-from .azure_ad import AzureADClient, ClientCredentials, sanitize_description
+from .azure_ad import AzureADClient, sanitize_description
 from .broker import TokenBroker
-from .crypto import DecryptionError, Keyring
+from .crypto import Keyring
 from .dynamics import ConnectionProblem, WhoAmI, who_am_i
 from .errors import (
     AccountNotFound,
@@ -41,7 +41,6 @@ from .errors import (
     BrokerError,
     InvalidInput,
     InvalidState,
-    StorageUnavailable,
     UpstreamUnavailable,
 )
 from .models import Account, AccountState, PendingAuthorization
@@ -213,7 +212,7 @@ class AuthorizationService:
         account, _ = await self._load(account_id)
         state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)
         url = self._azure.authorization_url(
-            self._credentials(account, with_secret=False),
+            self._broker.credentials(account, with_secret=False),
             redirect_uri=redirect,
             state=state,
             code_challenge=s256(verifier),
@@ -252,7 +251,7 @@ class AuthorizationService:
                 f"This authorization is unknown, expired (they last {PENDING_TTL.seconds // 60} minutes) "
                 f"or already used; to start again, {START_AGAIN}."
             )
-        verifier = self._unseal(sealing.CODE_VERIFIER, pending.state_hash, pending.code_verifier)
+        verifier = self._broker.unseal(sealing.CODE_VERIFIER, pending.state_hash, pending.code_verifier)
         return Claim(pending.account_id, pending.redirect_uri, verifier or None)
 
     async def complete(
@@ -305,7 +304,10 @@ class AuthorizationService:
         account, _ = await self._load(account_id)
         try:
             grant = await self._azure.redeem_code(
-                self._credentials(account), code=code, redirect_uri=redirect_uri, code_verifier=verifier
+                self._broker.credentials(account),
+                code=code,
+                redirect_uri=redirect_uri,
+                code_verifier=verifier,
             )
             await self._broker.store_authorization(account_id, grant, actor=actor)
         except (ActionRequired, UpstreamUnavailable) as exc:
@@ -381,25 +383,3 @@ class AuthorizationService:
                 actor=actor,
                 detail={k: v for k, v in detail.items() if v is not None},
             )
-
-    def _credentials(self, account: Account, *, with_secret: bool = True) -> ClientCredentials:
-        secret = (
-            self._unseal(sealing.CLIENT_SECRET, account.id, account.client_secret) if with_secret else None
-        )
-        return ClientCredentials(
-            tenant_id=account.tenant_id,
-            client_id=account.client_id,
-            client_secret=secret,
-            token_url=account.token_url,
-            authorization_url=account.authorization_url,
-            api_url=account.api_url,
-        )
-
-    def _unseal(self, column: str, row_id: str, stored: str | None) -> str | None:
-        try:
-            return sealing.unseal(self._keyring, column, row_id, stored)
-        except DecryptionError as exc:
-            raise StorageUnavailable(
-                f"A stored secret cannot be decrypted (key id {exc.key_id}); check BROKER_ENCRYPTION_KEYS.",
-                reason="decryption_failed",
-            ) from None

@@ -344,11 +344,11 @@ class TokenBroker:
             raise InvalidCredentials(_action_text(state), idp_code=state.last_error_code)
 
     async def _call_azure(self, session: AsyncSession, account: Account, state: AccountState) -> TokenGrant:
-        creds = self._credentials(account)
+        creds = self.credentials(account)
         grant_type = state.grant_type
         refresh_token = ""
         if grant_type == "authorization_code":
-            refresh_token = self._unseal(sealing.REFRESH_TOKEN, account.id, account.refresh_token) or ""
+            refresh_token = self.unseal(sealing.REFRESH_TOKEN, account.id, account.refresh_token) or ""
             if not refresh_token:
                 await self._record_failure(
                     session,
@@ -517,24 +517,26 @@ class TokenBroker:
         if not state.access_token or state.token_expires_at is None:
             return None
         try:
-            token = self._unseal(sealing.ACCESS_TOKEN, account.id, state.access_token)
+            token = self.unseal(sealing.ACCESS_TOKEN, account.id, state.access_token)
         except StorageUnavailable:
             return None
         obtained = repo.to_epoch(state.last_refreshed_at) if state.last_refreshed_at else 0.0
         expires = repo.to_epoch(state.token_expires_at)
         return self._entry(account.id, token or "", expires, account.version or 0, account.api_url, obtained)
 
-    def _credentials(self, account: Account) -> ClientCredentials:
+    def credentials(self, account: Account, *, with_secret: bool = True) -> ClientCredentials:
         return ClientCredentials(
             tenant_id=account.tenant_id,
             client_id=account.client_id,
-            client_secret=self._unseal(sealing.CLIENT_SECRET, account.id, account.client_secret),
+            client_secret=self.unseal(sealing.CLIENT_SECRET, account.id, account.client_secret)
+            if with_secret
+            else None,
             token_url=account.token_url,
             authorization_url=account.authorization_url,
             api_url=account.api_url,
         )
 
-    def _unseal(self, column: str, row_id: str, stored: str | None) -> str | None:
+    def unseal(self, column: str, row_id: str, stored: str | None) -> str | None:
         try:
             return sealing.unseal(self._keyring, column, row_id, stored)
         except DecryptionError as exc:

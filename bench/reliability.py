@@ -168,9 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(table)
     RAW.write_text(json.dumps({"meta": meta, "outcome": outcome, "rows": rows}, indent=2, default=str))
+    update_readme(table)
     print("\n" + table)
     print(f"written to {OUT.relative_to(ROOT)} (raw figures: {RAW.name}); pytest exit status {status}")
     return status
+
+
+README = ROOT / "README.md"
+START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
+
+
+def update_readme(table: str) -> None:
+    """Replace the README's generated Reliability table (between the markers) with this run's."""
+    text = README.read_text()
+    if START not in text or END not in text:
+        print("README has no reliability markers; left unchanged")
+        return
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{table.strip()}\n{END}{tail}")
 
 
 def _outcomes(junit: Path) -> dict[str, str]:

@@ -162,8 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except ValidationError as exc:
+        # A field's error names its variable; a cross-field check's message names them itself.
         problems = "; ".join(
-            f"BROKER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"BROKER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in exc.errors()
         )
         print(f"token-broker: invalid settings: {problems}", file=sys.stderr)
         return 2

@@ -410,7 +410,7 @@ def measure_one_account(
     opts: argparse.Namespace, tmp: Path, key: str, cpus: tuple[int | None, int | None]
 ) -> OneAccount:
     """The broker with one cached account (its token from the fake IdP) against the bare app."""
-    from tests.fake_idp import running_fake_idp
+    from tests.fake_idp import account_body, running_fake_idp
 
     wrk_cpu, server_cpu = cpus
     env = broker_env(tmp, "one.db", key)
@@ -423,12 +423,14 @@ def measure_one_account(
                 "clients", {"client_id": client_id, "client_secret": "bench-secret", "tenant": tenant}
             )
             refresh = fake.control("refresh_tokens", {"client_id": client_id})["refresh_token"]
-            body = {
-                "name": "bench", "tenant_id": tenant, "client_id": client_id,
-                "client_secret": "bench-secret", "refresh_token": refresh,
-                "authorization_url": f"{fake.url}/{tenant}/oauth2/authorize",
-                "token_url": f"{fake.url}/{tenant}/oauth2/token", "api_url": f"{fake.url}/api/data/v9.2",
-            }  # fmt: skip
+            body = account_body(
+                fake.url,
+                tenant=tenant,
+                client_id=client_id,
+                client_secret="bench-secret",
+                refresh_token=refresh,
+                name="bench",
+            )
             created = httpx.post(broker.url + "/accounts", json=body, headers=bearer(ADMIN_KEY), timeout=10)
             created.raise_for_status()
             account_id = created.json()["id"]

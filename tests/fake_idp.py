@@ -525,6 +525,30 @@ def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return line.split(" ", 1)[1].strip()
 
 
+def account_body(
+    fake_url: str,
+    *,
+    tenant: str,
+    client_id: str,
+    client_secret: str,
+    refresh_token: str,
+    v2: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A ``POST /accounts`` body whose URLs point at this fake (v1 endpoints, or v2 with ``v2``)."""
+    style = "/v2.0" if v2 else ""
+    return {
+        "tenant_id": tenant,
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "refresh_token": refresh_token,
+        "authorization_url": f"{fake_url}/{tenant}/oauth2{style}/authorize",
+        "token_url": f"{fake_url}/{tenant}/oauth2{style}/token",
+        "api_url": f"{fake_url}/api/data/v9.2",
+        **extra,
+    }
+
+
 @contextlib.contextmanager
 def running_fake_idp(
     *, clients: Any = (), refresh_tokens: Any = (), ready_timeout: float = 20.0, **mode: Any

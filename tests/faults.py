@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from .fake_idp import FakeIdpHandle, running_fake_idp
+from .fake_idp import FakeIdpHandle, account_body, running_fake_idp
 from .replicas import ReplicaSet, broker_env, free_port, migrate
 
 SCALE = max(0.5, float(os.environ.get("BROKER_FAULTS_SCALE", "1")))
@@ -244,17 +244,15 @@ class Broker:
                     "clients", {"client_id": client_id, "client_secret": secret, "tenant": tenant}
                 )
                 refresh = self.fake.control("refresh_tokens", {"client_id": client_id})["refresh_token"]
-                style = "/v2.0" if n % 2 else ""
-                body = {
-                    "name": f"fault-{uuid.uuid4().hex[:10]}",
-                    "tenant_id": tenant,
-                    "client_id": client_id,
-                    "client_secret": secret,
-                    "refresh_token": refresh,
-                    "authorization_url": f"{self.fake.url}/{tenant}/oauth2{style}/authorize",
-                    "token_url": f"{self.fake.url}/{tenant}/oauth2{style}/token",
-                    "api_url": f"{self.fake.url}/api/data/v9.2",
-                }
+                body = account_body(
+                    self.fake.url,
+                    tenant=tenant,
+                    client_id=client_id,
+                    client_secret=secret,
+                    refresh_token=refresh,
+                    v2=bool(n % 2),
+                    name=f"fault-{uuid.uuid4().hex[:10]}",
+                )
                 response = admin.post("/accounts", json=body)
                 assert response.status_code == 201, response.text
                 account = response.json()["id"]

@@ -30,7 +30,7 @@ from service.crypto import Keyring, generate_key
 from service.models import Account, AccountState, Event
 
 from .conftest import require
-from .fake_idp import running_fake_idp
+from .fake_idp import account_body, running_fake_idp
 from .faults import (
     BACKOFF_MAX,
     IDP_TIMEOUT,
@@ -423,12 +423,9 @@ def _account_body(broker: Broker) -> dict[str, Any]:
     tenant, client_id = "3f6e2a4b-0d1c-4e8f-9a7b-5c6d7e8f9a0b", "7d6c5b4a-3e2f-4a1b-8c9d-0e1f2a3b4c5d"
     broker.fake.control("clients", {"client_id": client_id, "client_secret": "s~1", "tenant": tenant})
     refresh = broker.fake.control("refresh_tokens", {"client_id": client_id})["refresh_token"]
-    return {
-        "tenant_id": tenant, "client_id": client_id, "client_secret": "s~1", "refresh_token": refresh,
-        "authorization_url": f"{broker.fake.url}/{tenant}/oauth2/authorize",
-        "token_url": f"{broker.fake.url}/{tenant}/oauth2/token",
-        "api_url": f"{broker.fake.url}/api/data/v9.2",
-    }  # fmt: skip
+    return account_body(
+        broker.fake.url, tenant=tenant, client_id=client_id, client_secret="s~1", refresh_token=refresh
+    )
 
 
 # -- 5. encryption key rotation under load ------------------------------------------------------

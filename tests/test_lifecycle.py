@@ -24,7 +24,7 @@ import httpx
 
 from service.crypto import generate_key
 
-from .fake_idp import running_fake_idp
+from .fake_idp import account_body, running_fake_idp
 from .replicas import REPO_ROOT, broker_env, free_port, migrate
 
 STOP_LIMIT = 15.0  # the contract: drained and gone within 15 s of SIGTERM
@@ -179,16 +179,14 @@ def test_sigterm_stops_accepting_finishes_the_slow_refresh_and_exits_0(tmp_path:
         migrate(env)
         headers = {"Authorization": f"Bearer {admin_key}"}
         with serving(env, tmp_path / "serve.log") as served:
-            body = {
-                "name": "lifecycle",
-                "tenant_id": tenant,
-                "client_id": client_id,
-                "client_secret": client_secret,
-                "refresh_token": refresh_token,
-                "authorization_url": f"{fake.url}/{tenant}/oauth2/authorize",
-                "token_url": f"{fake.url}/{tenant}/oauth2/token",
-                "api_url": f"{fake.url}/api/data/v9.2",
-            }
+            body = account_body(
+                fake.url,
+                tenant=tenant,
+                client_id=client_id,
+                client_secret=client_secret,
+                refresh_token=refresh_token,
+                name="lifecycle",
+            )
             r = httpx.post(f"{served.url}/accounts", json=body, headers=headers)
             assert r.status_code == 201, r.text
             token_url = f"{served.url}/accounts/{r.json()['id']}/token"

@@ -33,7 +33,7 @@ from service import sealing
 from service.crypto import Keyring, generate_key
 from service.db import create_sessionmaker
 
-from .fake_idp import running_fake_idp
+from .fake_idp import account_body, running_fake_idp
 from .replicas import ReplicaSet, broker_env, migrate
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.mysql]
@@ -218,17 +218,15 @@ def create_accounts(admin: httpx.Client, fake: Any, count: int) -> tuple[list[di
         client_secret = f"mp-secret~{secrets.token_urlsafe(24)}"
         fake.control("clients", {"client_id": client_id, "client_secret": client_secret, "tenant": tenant})
         refresh = fake.control("refresh_tokens", {"client_id": client_id})["refresh_token"]
-        style = "/v2.0" if n % 2 else ""  # mix Azure's v1 (string expires_in) and v2 endpoints
-        body = {
-            "name": f"replica-test-{n}",
-            "tenant_id": tenant,
-            "client_id": client_id,
-            "client_secret": client_secret,
-            "refresh_token": refresh,
-            "authorization_url": f"{fake.url}/{tenant}/oauth2{style}/authorize",
-            "token_url": f"{fake.url}/{tenant}/oauth2{style}/token",
-            "api_url": f"{fake.url}/api/data/v9.2",
-        }
+        body = account_body(  # mix Azure's v1 (string expires_in) and v2 endpoints
+            fake.url,
+            tenant=tenant,
+            client_id=client_id,
+            client_secret=client_secret,
+            refresh_token=refresh,
+            v2=bool(n % 2),
+            name=f"replica-test-{n}",
+        )
         response = admin.post("/accounts", json=body)
         assert response.status_code == 201, response.text
         accounts.append({**response.json(), "client_id": client_id})

@@ -1,8 +1,9 @@
 """Azure AD (Microsoft identity platform) client: the authorize URL and the three token grants.
 
 Invariants:
-- each grant makes exactly one HTTP request, to a URL the ``OutboundPolicy`` allows (checked before
-  every call), with a bounded timeout and redirects never followed; retries belong to the broker;
+- each grant makes one HTTP request (``transport.send``: sent once more only when a kept-alive
+  connection drops under it), to a URL the ``OutboundPolicy`` allows (checked before every call),
+  with a bounded timeout and redirects never followed; policy retries belong to the broker;
 - httpx exceptions are translated in one funnel (``_post_token``) and Azure's answers classified in
   one place (``_classify``): callers get a ``TokenGrant`` or an ``errors`` kind, nothing foreign;
 - no message carries a secret: details are built from OAuth error codes and Azure's sanitised
@@ -29,6 +30,7 @@ import httpx
 
 from service import errors
 from service.outbound import OutboundPolicy, OutboundURLError
+from service.transport import send
 
 # Form fields whose values are secret; anything Azure echoes back has them redacted.
 _SECRET_FIELDS = ("client_secret", "refresh_token", "code", "code_verifier")
@@ -217,7 +219,6 @@ class AzureADClient:
         self._http = http
         self._policy = policy
         self._timeout = timeout
-        self._limit = httpx.Timeout(timeout)
         self._clock = clock
 
     def authorization_url(
@@ -281,8 +282,8 @@ class AzureADClient:
         secrets = [form[k] for k in _SECRET_FIELDS if form.get(k)]
         sent_at = self._clock()
         try:
-            response = await self._http.post(
-                url, data=dict(form), headers=_ACCEPT_JSON, timeout=self._limit, follow_redirects=False
+            response = await send(
+                self._http, "POST", url, limit=self._timeout, headers=_ACCEPT_JSON, data=form
             )
         except httpx.TimeoutException as exc:
             detail = f"Azure AD did not answer within {self._timeout:g}s ({type(exc).__name__}); try again"

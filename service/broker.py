@@ -379,6 +379,7 @@ class TokenBroker:
         """Store what went wrong (committed even though the caller gets an error), then raise it."""
         now = repo.utcnow()
         values: dict[str, Any] = {"last_error_at": now}
+        delay = 0.0
         if isinstance(exc, ActionRequired):
             status = NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else INVALID_CREDENTIALS
             values |= {
@@ -399,6 +400,15 @@ class TokenBroker:
                 "next_attempt_at": repo.from_epoch(self.clock() + delay),
             }
             self._not_before[state.account_id] = (self.clock() + delay, exc)
+        log.warning(
+            "token refresh failed",
+            extra={
+                "account_id": account_id,
+                "code": values["last_error_code"],
+                "to_status": status,
+                "retry_after": round(delay, 1) if status == FAILING else None,
+            },
+        )
         await repo.update_state(session, account_id, values)
         detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
         await repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.outbound import OutboundPolicy, OutboundURLError
+from service.transport import send
 
 Reason = Literal[
     "unauthorized", "forbidden", "not_found", "unreachable", "bad_response", "server_error", "forbidden_url"
@@ -75,9 +76,7 @@ async def who_am_i(
     host = urlsplit(url).hostname
     started = time.perf_counter()
     try:
-        response = await http.get(
-            url, headers=headers, timeout=httpx.Timeout(timeout), follow_redirects=False
-        )
+        response = await send(http, "GET", url, limit=timeout, headers=headers)
     except httpx.TimeoutException:
         message = f"Dynamics at {host} did not answer within {timeout:g}s; check api_url and try again"
         return ConnectionProblem("unreachable", message, None)

@@ -38,6 +38,7 @@ ALLOWED_EXTRA = frozenset(
         "rotated",
         "remaining",
         "sampled",
+        "retry_after",
     }
 )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from email.utils import formatdate
 from typing import Any
@@ -358,6 +361,8 @@ async def test_server_error(
         (httpx.ReadTimeout("timed out"), "timeout"),
         (httpx.ConnectError("connection refused"), "network"),
         (httpx.RemoteProtocolError("peer closed"), "network"),
+        (httpx.ReadError("connection reset"), "network"),
+        (httpx.WriteError("broken pipe"), "network"),
     ],
 )
 @pytest.mark.parametrize("style", STYLES)
@@ -365,12 +370,94 @@ async def test_server_error(
 async def test_transport_errors(
     op: str, style: str, side_effect: Exception, reason: str, client: AzureADClient
 ) -> None:
-    """Timeouts become reason 'timeout', other transport errors 'network', the form never shown."""
+    """Timeouts become reason 'timeout', other transport errors 'network', the form never shown.
+
+    A dropped connection (the server closed it under the request) is sent once more, never twice.
+    """
     with respx.mock(assert_all_called=True) as router:
-        router.post(URLS[style][0]).mock(side_effect=side_effect)
+        route = router.post(URLS[style][0]).mock(side_effect=side_effect)
         with pytest.raises(errors.UpstreamUnavailable) as info:
             await run(op, client, style)
     assert info.value.reason == reason
+    assert_no_secret(info.value)
+    dropped = isinstance(side_effect, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError)
+    assert route.call_count == (2 if dropped else 1)
+
+
+class DroppingServer:
+    """A real HTTP/1.1 token endpoint that answers keep-alive, then closes a connection when the next
+    request arrives on it without answering: what a server whose idle timer fired does to the client
+    that reused the connection at that moment. ``drop(connection, answered)`` says when: by the
+    connection's number and how many requests it has answered."""
+
+    def __init__(self, drop: Callable[[int, int], bool]) -> None:
+        self.drop = drop
+        self.connections = 0
+        self.requests: list[tuple[int, dict[str, list[str]]]] = []
+        self.server: asyncio.Server | None = None
+
+    @property
+    def token_url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/{TENANT}/oauth2/token"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number, served = self.connections, 0
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+                body = await reader.readexactly(length)
+                self.requests.append((number, parse_qs(body.decode())))
+                if self.drop(number, served):
+                    return  # closed without a byte of answer
+                served += 1
+                payload = json.dumps(success_body("v1", access_token=f"at-{len(self.requests)}")).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                    + payload
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> DroppingServer:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_grant_sent_again_when_kept_alive_connection_is_dropped() -> None:
+    """The server drops the reused connection: the same form goes out once more, on a new one."""
+    policy = OutboundPolicy(allowed_hosts=["127.0.0.1"], allow_http=True)
+    drop_reused_first = DroppingServer(drop=lambda n, answered: n == 1 and answered > 0)
+    async with drop_reused_first as server, httpx.AsyncClient() as http:
+        azure = AzureADClient(http, policy, timeout=5.0, clock=lambda: NOW)
+        creds = creds_for("v1", token_url=server.token_url)
+        first = await azure.refresh(creds, REFRESH)
+        second = await azure.refresh(creds, REFRESH)
+    assert (first.access_token, second.access_token) == ("at-1", "at-3")
+    assert [number for number, _ in server.requests] == [1, 1, 2]
+    assert server.requests[1][1] == server.requests[2][1]  # the same grant, not a different one
+
+
+async def test_grant_sent_at_most_twice_when_every_connection_drops() -> None:
+    """A server that drops every request: two sends on two connections, then 'network'; no loop."""
+    policy = OutboundPolicy(allowed_hosts=["127.0.0.1"], allow_http=True)
+    async with DroppingServer(drop=lambda n, answered: True) as server, httpx.AsyncClient() as http:
+        azure = AzureADClient(http, policy, timeout=5.0, clock=lambda: NOW)
+        with pytest.raises(errors.UpstreamUnavailable) as info:
+            await azure.refresh(creds_for("v1", token_url=server.token_url), REFRESH)
+    assert info.value.reason == "network"
+    assert [number for number, _ in server.requests] == [1, 2]
     assert_no_secret(info.value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -228,8 +229,13 @@ async def test_invalid_client_is_invalid_credentials(running: Any, azure: respx.
     assert got["status"] == "invalid_credentials"
 
 
-async def test_throttling_honours_retry_after(running: Any, azure: respx.MockRouter) -> None:
-    """429 with Retry-After answers 503 with Retry-After, and Azure is not asked again meanwhile."""
+async def test_throttling_honours_retry_after(
+    running: Any, azure: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """429 with Retry-After answers 503 with Retry-After, and Azure is not asked again meanwhile.
+
+    The failure is logged once, with what an operator needs: account, code, status, wait."""
+    caplog.set_level(logging.WARNING, logger="service")
     route = azure.post(TOKEN_URL_V1).respond(429, headers={"Retry-After": "30"}, json={"error": "throttled"})
     account_id = await create(running)
     r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
@@ -242,6 +248,11 @@ async def test_throttling_honours_retry_after(running: Any, azure: respx.MockRou
     assert route.call_count == 1
     got = (await running.client.get(f"/accounts/{account_id}", headers=admin())).json()
     assert got["status"] == "failing"
+    failed = [r.__dict__ for r in caplog.records if r.getMessage() == "token refresh failed"]
+    assert len(failed) == 1, failed
+    assert failed[0]["account_id"] == account_id
+    assert (failed[0]["code"], failed[0]["to_status"]) == ("throttled", "failing")
+    assert 25 <= failed[0]["retry_after"] <= 30
 
 
 async def test_inside_margin_serves_cached_and_refreshes_once_in_background(

@@ -82,6 +82,7 @@ async def close_context(ctx: Context, tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await background.flush_key_usage(ctx)
     await ctx.broker.close()
     await ctx.http.aclose()
     await ctx.engine.dispose()

@@ -4,7 +4,8 @@
   changed or deleted elsewhere (their VERSION moved), learn the default account, reload the
   managed API keys (so a revocation reaches every replica within the interval), and write
   ``last_used_at`` of keys and a sampled ``tokens_fetched`` event with the count of requests
-  each key made (at most once a minute per key, never a row per request).
+  each key made (at most once a minute per key, never a row per request); what is pending when
+  the replica stops is written then (``flush_key_usage``).
 * keepalive: Azure refresh tokens die after 90 days unused; every authorization-code account not
   refreshed within ``BROKER_KEEPALIVE_INTERVAL_SECONDS`` is refreshed. The token row lock makes
   this one replica at a time per account; the others see the fresh ``last_refreshed_at``.
@@ -27,6 +28,9 @@ log = logging.getLogger("service.background")
 
 # last_used_at and the sampled tokens_fetched events: at most once a minute per key.
 KEY_USAGE_EVERY_SECONDS = 60.0
+# A stopping replica gives the database this long to take the pending key usage; shutdown must
+# finish within Kubernetes' grace period whether or not the database answers.
+FLUSH_TIMEOUT_SECONDS = 3.0
 
 
 async def sync_once(ctx: Context) -> None:
@@ -42,10 +46,11 @@ async def sync_once(ctx: Context) -> None:
     await write_key_usage(ctx)
 
 
-async def write_key_usage(ctx: Context) -> None:
+async def write_key_usage(ctx: Context, *, every: float | None = None) -> None:
     """``last_used_at`` and one sampled ``tokens_fetched`` event per key that was used, each
-    key at most once per ``KEY_USAGE_EVERY_SECONDS`` (the keys used more recently wait)."""
-    usage = ctx.keystore.take_usage(every=KEY_USAGE_EVERY_SECONDS)
+    key at most once per ``every`` (default ``KEY_USAGE_EVERY_SECONDS``; the keys used more
+    recently wait)."""
+    usage = ctx.keystore.take_usage(every=KEY_USAGE_EVERY_SECONDS if every is None else every)
     if not usage:
         return
     try:
@@ -68,6 +73,14 @@ async def write_key_usage(ctx: Context) -> None:
     except BaseException:
         ctx.keystore.give_back(usage)
         raise
+
+
+async def flush_key_usage(ctx: Context) -> None:
+    """At shutdown: the usage still pending, however recent, so a stopping replica loses none."""
+    try:
+        await asyncio.wait_for(write_key_usage(ctx, every=0.0), FLUSH_TIMEOUT_SECONDS)
+    except Exception as exc:  # noqa: BLE001 -- shutdown goes on; the loss is logged
+        log.warning("key usage not saved at shutdown", extra={"error_type": type(exc).__name__})
 
 
 async def keepalive_once(ctx: Context) -> int:

@@ -682,6 +682,52 @@ async def test_last_used_at_and_sampled_usage_at_most_once_a_minute(
     assert len(await _usage_events(running, key["id"])) == 2
 
 
+async def test_usage_pending_at_shutdown_is_written(
+    settings: Any, run_app: Callable[..., Any], idp: respx.MockRouter
+) -> None:
+    """A replica that stops writes the usage still waiting for its minute: none is lost."""
+    async with run_app(settings) as running:
+        account_id = await new_account(running)
+        key = await new_key(running, [account_id])
+        assert (await token(running, key["key"], account_id)).status_code == 200
+        await background.sync_once(running.ctx)
+        first = await _last_used(running, key["id"])
+        await asyncio.sleep(1.1)  # TIMESTAMP columns may have one-second resolution
+        for _ in range(4):
+            assert fast_path(await token(running, key["key"], account_id))
+        await background.sync_once(running.ctx)  # within the minute: nothing written yet
+        assert await _last_used(running, key["id"]) == first
+    async with run_app(settings) as again:
+        later = await _last_used(again, key["id"])
+        assert first is not None
+        assert later is not None
+        assert later > first
+        assert [e["requests"] for e in await _usage_events(again, key["id"])] == [1, 4]
+
+
+async def test_shutdown_does_not_wait_for_a_database_that_does_not_answer(
+    settings: Any,
+    run_app: Callable[..., Any],
+    idp: respx.MockRouter,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The flush at shutdown is bounded: a hung database costs the pending usage, not the shutdown."""
+    monkeypatch.setattr(background, "FLUSH_TIMEOUT_SECONDS", 0.2)
+
+    async def hung(_ctx: Any, **_kw: Any) -> None:
+        await asyncio.sleep(3600)
+
+    async with run_app(settings) as running:
+        account_id = await new_account(running)
+        key = await new_key(running, [account_id])
+        assert (await token(running, key["key"], account_id)).status_code == 200
+        monkeypatch.setattr(background, "write_key_usage", hung)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+    assert any(r.getMessage() == "key usage not saved at shutdown" for r in caplog.records)
+
+
 # -- the hot path -----------------------------------------------------------------------------------
 
 

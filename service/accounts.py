@@ -15,11 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from . import repository as repo
 from . import sealing
-from .broker import INVALID_CREDENTIALS, NEEDS_AUTHORIZATION, READY, TokenBroker
+from .broker import TokenBroker
 from .crypto import Keyring
 from .errors import AccountNotFound, InvalidInput, VersionConflict
 from .models import Account, AccountState, Event
 from .outbound import OutboundPolicy, OutboundURLError
+from .refresh_outcome import INVALID_CREDENTIALS, NEEDS_AUTHORIZATION, READY
 from .schemas import AccountCreate, AccountOut, AccountPatch, EventOut, LastError
 
 URL_FIELDS = ("authorization_url", "token_url", "api_url")

@@ -20,19 +20,18 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from . import refresh_outcome as outcome
 from . import repository as repo
 from . import sealing
 from .azure_ad import AzureADClient, ClientCredentials, TokenGrant
@@ -49,69 +48,9 @@ from .errors import (
 from .metrics import Metrics
 from .models import Account, AccountState
 from .settings import Settings
+from .token_response import CachedToken
 
 log = logging.getLogger("service.broker")
-
-READY = "ready"
-NEEDS_AUTHORIZATION = "needs_authorization"
-INVALID_CREDENTIALS = "invalid_credentials"
-FAILING = "failing"
-
-
-RESPONSE_HEADERS = (
-    (b"content-type", b"application/json"),
-    (b"cache-control", b"no-store"),
-    (b"pragma", b"no-cache"),
-)
-
-
-@dataclass(eq=False)
-class CachedToken:
-    """One account's access token, with its response body encoded once (all but expires_in)."""
-
-    account_id: str
-    access_token: str = field(repr=False)
-    expires_at: float
-    refresh_at: float
-    version: int
-    api_url: str
-    obtained_at: float
-    prefix: bytes = field(repr=False, default=b"")
-    suffix: bytes = field(repr=False, default=b"")
-    # The last (seconds left, body, headers) built: the body changes once a second, not per request.
-    _last: tuple[int, bytes, list[tuple[bytes, bytes]]] = field(repr=False, default=(-1, b"", []))
-    _headers: dict[int, list[tuple[bytes, bytes]]] = field(repr=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        expires = datetime.fromtimestamp(self.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.prefix = (
-            b'{"access_token":'
-            + json.dumps(self.access_token).encode()
-            + b',"token_type":"Bearer","expires_in":'
-        )
-        self.suffix = (
-            f',"expires_at":"{expires}","api_url":{json.dumps(self.api_url)},'
-            f'"account_id":{json.dumps(self.account_id)}}}'
-        ).encode()
-
-    def body(self, now: float) -> bytes:
-        return self.response(now)[0]
-
-    def response(self, now: float) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The body and its HTTP headers, built at most once per second of remaining lifetime."""
-        left = int(self.expires_at - now)
-        last = self._last
-        if last[0] != left:
-            body = self.prefix + str(left).encode() + self.suffix
-            # The headers differ only by the body's length, i.e. by the digits of expires_in.
-            headers = self._headers.get(len(body))
-            if headers is None:
-                headers = self._headers[len(body)] = [
-                    *RESPONSE_HEADERS,
-                    (b"content-length", str(len(body)).encode()),
-                ]
-            last = self._last = (left, body, headers)
-        return last[1], last[2]
 
 
 class TokenBroker:
@@ -338,10 +277,10 @@ class TokenBroker:
                 reason="backoff",
             )
         # A person must act first; asking Azure again with the same credentials cannot help.
-        if state.status == NEEDS_AUTHORIZATION and state.last_error_code:
-            raise NeedsAuthorization(_action_text(state), idp_code=state.last_error_code)
-        if state.status == INVALID_CREDENTIALS and state.last_error_code:
-            raise InvalidCredentials(_action_text(state), idp_code=state.last_error_code)
+        if state.status == outcome.NEEDS_AUTHORIZATION and state.last_error_code:
+            raise NeedsAuthorization(outcome.action_text(state), idp_code=state.last_error_code)
+        if state.status == outcome.INVALID_CREDENTIALS and state.last_error_code:
+            raise InvalidCredentials(outcome.action_text(state), idp_code=state.last_error_code)
 
     async def _call_azure(self, session: AsyncSession, account: Account, state: AccountState) -> TokenGrant:
         creds = self.credentials(account)
@@ -352,7 +291,6 @@ class TokenBroker:
             if not refresh_token:
                 await self._record_failure(
                     session,
-                    account.id,
                     state,
                     NeedsAuthorization(
                         "The account has no refresh token yet: authorize it "
@@ -360,72 +298,35 @@ class TokenBroker:
                     ),
                 )
         started = time.perf_counter()
-        outcome = "ok"
+        result = "ok"
         try:
             if grant_type == "client_credentials":
                 return await self._azure.client_credentials(creds)
             return await self._azure.refresh(creds, refresh_token)
         except (ActionRequired, UpstreamUnavailable) as exc:
-            outcome = exc.code if isinstance(exc, ActionRequired) else exc.reason
-            await self._record_failure(session, account.id, state, exc)
-            raise  # unreachable: _record_failure raises; kept for the type checker
+            result = exc.code if isinstance(exc, ActionRequired) else exc.reason
+            await self._record_failure(session, state, exc)
         finally:
-            self._metrics.idp_requests.labels(grant_type, outcome).inc()
+            self._metrics.idp_requests.labels(grant_type, result).inc()
             self._metrics.idp_latency.labels(grant_type).observe(time.perf_counter() - started)
-
-    async def _record_failure(
-        self, session: AsyncSession, account_id: str, state: AccountState, exc: ActionRequired | Unavailable
-    ) -> None:
-        """Store what went wrong (committed even though the caller gets an error), then raise it."""
-        now = repo.utcnow()
-        values: dict[str, Any] = {"last_error_at": now}
-        delay = 0.0
-        if isinstance(exc, ActionRequired):
-            status = NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else INVALID_CREDENTIALS
-            values |= {
-                "status": status,
-                "last_error_code": exc.idp_code or exc.code,
-                "last_error_message": (exc.idp_message or exc.detail)[:1024],
-                "next_attempt_at": None,
-            }
-        else:
-            failures = state.failures + 1
-            delay = self._backoff(failures, exc.retry_after if exc.reason == "throttled" else 0.0)
-            status = FAILING
-            values |= {
-                "status": status,
-                "failures": failures,
-                "last_error_code": exc.reason,
-                "last_error_message": exc.detail[:1024],
-                "next_attempt_at": repo.from_epoch(self.clock() + delay),
-            }
-            self._not_before[state.account_id] = (self.clock() + delay, exc)
-        log.warning(
-            "token refresh failed",
-            extra={
-                "account_id": account_id,
-                "code": values["last_error_code"],
-                "to_status": status,
-                "retry_after": round(delay, 1) if status == FAILING else None,
-            },
-        )
-        await repo.update_state(session, account_id, values)
-        detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
-        await repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
-        if status != state.status:
-            await repo.add_event(
-                session,
-                account_id=account_id,
-                kind="status_changed",
-                detail={"from": state.status, "to": status, "code": values["last_error_code"]},
-            )
-        await session.commit()
-        raise exc
 
     def _backoff(self, failures: int, retry_after: float) -> float:
         base = self._settings.backoff_base_seconds * float(2 ** min(failures - 1, 16))
         jittered = min(self._settings.backoff_max_seconds, base) * (0.5 + self._rng() / 2)
         return max(retry_after, jittered)
+
+    async def _record_failure(
+        self, session: AsyncSession, state: AccountState, exc: ActionRequired | Unavailable
+    ) -> NoReturn:
+        """Store what went wrong (committed even though the caller gets an error), then raise it;
+        a transient failure also starts this process's wait before the next call to Azure."""
+        delay, retry_at = 0.0, None
+        if isinstance(exc, Unavailable):
+            delay = self._backoff(state.failures + 1, exc.retry_after if exc.reason == "throttled" else 0.0)
+            self._not_before[state.account_id] = (self.clock() + delay, exc)
+            retry_at = repo.from_epoch(self.clock() + delay)
+        await outcome.record_failure(session, state, exc, retry_at=retry_at, retry_after=delay)
+        raise exc
 
     async def _save_grant(
         self, session: AsyncSession, account: Account, state: AccountState, grant: TokenGrant
@@ -434,58 +335,12 @@ class TokenBroker:
         if grant.expires_at - now < self._settings.min_token_ttl_seconds:
             await self._record_failure(
                 session,
-                account.id,
                 state,
                 UpstreamUnavailable(
                     "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
                 ),
             )
-        version = account.version or 0
-        if grant.refresh_token:
-            sealed = sealing.seal(self._keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
-            stored = await repo.update_account_columns(
-                session, account.id, {"refresh_token": sealed}, expected_version=version
-            )
-            if not stored:
-                # An admin changed the account while Azure answered (possible on SQLite, where no
-                # row lock is held): their values win; this result is dropped.
-                raise UpstreamUnavailable(
-                    "The account changed during the refresh; try again.", reason="conflict"
-                )
-            version += 1
-        stamp = repo.utcnow()
-        await repo.update_state(
-            session,
-            account.id,
-            {
-                "access_token": sealing.seal(
-                    self._keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token
-                ),
-                "token_expires_at": repo.from_epoch(grant.expires_at),
-                "last_refreshed_at": stamp,
-                "status": READY,
-                "last_error_code": None,
-                "last_error_message": None,
-                "next_attempt_at": None,
-                "failures": 0,
-            },
-        )
-        await repo.add_event(
-            session,
-            account_id=account.id,
-            kind="token_refreshed",
-            detail={
-                "expires_at": repo.from_epoch(grant.expires_at).isoformat() + "Z",
-                "refresh_token_rotated": bool(grant.refresh_token),
-            },
-        )
-        if state.status != READY:
-            await repo.add_event(
-                session,
-                account_id=account.id,
-                kind="status_changed",
-                detail={"from": state.status, "to": READY},
-            )
+        version = await outcome.record_grant(session, self._keyring, account, state, grant)
         return self._entry(account.id, grant.access_token, grant.expires_at, version, account.api_url, now)
 
     async def store_authorization(
@@ -623,15 +478,3 @@ class TokenBroker:
 def _is_lock_timeout(exc: DBAPIError) -> bool:
     code = getattr(exc.orig, "args", [None])[0]
     return code in (1205, 3572) or "locked" in str(exc.orig).lower()
-
-
-def _action_text(state: AccountState) -> str:
-    if state.status == NEEDS_AUTHORIZATION:
-        return (
-            f"Azure AD refused this account's refresh token ({state.last_error_code}): "
-            f"authorize it again (POST /accounts/{state.account_id}/authorize)."
-        )
-    return (
-        f"Azure AD rejected this account's client credentials ({state.last_error_code}): "
-        "fix client_id or client_secret (PATCH the account)."
-    )

@@ -1,0 +1,140 @@
+"""What a refresh leaves in the database: the new tokens, or what went wrong and when to try again.
+
+The broker decides when to refresh and what a failure means for waiting callers; this module
+writes the result into the account's rows and its history, in the caller's session, so that
+every replica (and an admin reading ``GET /accounts/{id}``) sees the same status.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from . import repository as repo
+from . import sealing
+from .azure_ad import TokenGrant
+from .crypto import Keyring
+from .errors import ActionRequired, NeedsAuthorization, Unavailable, UpstreamUnavailable
+from .models import Account, AccountState
+
+log = logging.getLogger("service.broker")
+
+READY = "ready"
+NEEDS_AUTHORIZATION = "needs_authorization"
+INVALID_CREDENTIALS = "invalid_credentials"
+FAILING = "failing"
+
+
+async def record_failure(
+    session: AsyncSession,
+    state: AccountState,
+    exc: ActionRequired | Unavailable,
+    *,
+    retry_at: datetime | None,
+    retry_after: float,
+) -> None:
+    """Store what went wrong and commit (the caller gets an error, the history keeps it).
+
+    A person must act on an ``ActionRequired``; anything else is transient and waits until
+    ``retry_at`` (``retry_after`` seconds from now) before Azure is asked again."""
+    account_id = state.account_id
+    values: dict[str, Any] = {"last_error_at": repo.utcnow()}
+    if isinstance(exc, ActionRequired):
+        status = NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else INVALID_CREDENTIALS
+        values |= {
+            "status": status,
+            "last_error_code": exc.idp_code or exc.code,
+            "last_error_message": (exc.idp_message or exc.detail)[:1024],
+            "next_attempt_at": None,
+        }
+    else:
+        status = FAILING
+        values |= {
+            "status": status,
+            "failures": state.failures + 1,
+            "last_error_code": exc.reason,
+            "last_error_message": exc.detail[:1024],
+            "next_attempt_at": retry_at,
+        }
+    log.warning(
+        "token refresh failed",
+        extra={
+            "account_id": account_id,
+            "code": values["last_error_code"],
+            "to_status": status,
+            "retry_after": round(retry_after, 1) if status == FAILING else None,
+        },
+    )
+    await repo.update_state(session, account_id, values)
+    detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
+    await repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
+    if status != state.status:
+        await repo.add_event(
+            session,
+            account_id=account_id,
+            kind="status_changed",
+            detail={"from": state.status, "to": status, "code": values["last_error_code"]},
+        )
+    await session.commit()
+
+
+async def record_grant(
+    session: AsyncSession, keyring: Keyring, account: Account, state: AccountState, grant: TokenGrant
+) -> int:
+    """Write Azure's answer (a rotated refresh token, the access token, status ``ready``) without
+    committing; returns the account's VERSION after it."""
+    version = account.version or 0
+    if grant.refresh_token:
+        sealed = sealing.seal(keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
+        stored = await repo.update_account_columns(
+            session, account.id, {"refresh_token": sealed}, expected_version=version
+        )
+        if not stored:
+            # An admin changed the account while Azure answered (possible on SQLite, where no
+            # row lock is held): their values win; this result is dropped.
+            raise UpstreamUnavailable("The account changed during the refresh; try again.", reason="conflict")
+        version += 1
+    await repo.update_state(
+        session,
+        account.id,
+        {
+            "access_token": sealing.seal(keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token),
+            "token_expires_at": repo.from_epoch(grant.expires_at),
+            "last_refreshed_at": repo.utcnow(),
+            "status": READY,
+            "last_error_code": None,
+            "last_error_message": None,
+            "next_attempt_at": None,
+            "failures": 0,
+        },
+    )
+    await repo.add_event(
+        session,
+        account_id=account.id,
+        kind="token_refreshed",
+        detail={
+            "expires_at": repo.from_epoch(grant.expires_at).isoformat() + "Z",
+            "refresh_token_rotated": bool(grant.refresh_token),
+        },
+    )
+    if state.status != READY:
+        await repo.add_event(
+            session, account_id=account.id, kind="status_changed", detail={"from": state.status, "to": READY}
+        )
+    return version
+
+
+def action_text(state: AccountState) -> str:
+    """What a person must do about an account that Azure refused, in plain words."""
+    if state.status == NEEDS_AUTHORIZATION:
+        return (
+            f"Azure AD refused this account's refresh token ({state.last_error_code}): "
+            f"authorize it again (POST /accounts/{state.account_id}/authorize)."
+        )
+    return (
+        f"Azure AD rejected this account's client credentials ({state.last_error_code}): "
+        "fix client_id or client_secret (PATCH the account)."
+    )

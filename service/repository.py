@@ -114,6 +114,11 @@ async def default_account_id(session: AsyncSession) -> str | None:
     return rows.scalar_one_or_none()
 
 
+async def account_name(session: AsyncSession, account_id: str) -> str | None:
+    """The account's NAME, for a notification about it; None once the account is deleted."""
+    return await session.scalar(select(Account.name).where(Account.id == account_id))
+
+
 async def list_accounts(
     session: AsyncSession, *, limit: int, offset: int
 ) -> list[tuple[Account, AccountState]]:
@@ -238,6 +243,35 @@ async def list_events(session: AsyncSession, account_id: str, *, limit: int, off
     return list(rows.scalars())
 
 
+async def newest_event_id(session: AsyncSession) -> int:
+    """The highest event id, 0 with no events: where a reader starts that skips the backlog."""
+    return int(await session.scalar(select(func.max(Event.id))) or 0)
+
+
+async def events_after(session: AsyncSession, after_id: int, *, limit: int) -> list[Event]:
+    """The next ``limit`` events after ``after_id``, oldest first (the outbox read in order)."""
+    rows = await session.execute(select(Event).where(Event.id > after_id).order_by(Event.id).limit(limit))
+    return list(rows.scalars())
+
+
+async def latest_event_detail(
+    session: AsyncSession, account_id: str, kind: str, *, before_id: int, since: datetime
+) -> str | None:
+    """DETAIL of the account's newest ``kind`` event before ``before_id`` and not older than ``since``."""
+    rows = await session.scalars(
+        select(Event.detail)
+        .where(
+            Event.account_id == account_id,
+            Event.kind == kind,
+            Event.id < before_id,
+            Event.created_at >= since,
+        )
+        .order_by(Event.id.desc())
+        .limit(1)
+    )
+    return rows.first()
+
+
 # -- pending authorizations -------------------------------------------------------------------
 
 
@@ -349,7 +383,44 @@ async def try_lease(session: AsyncSession, name: str, holder: str, *, ttl: timed
     return True
 
 
+async def get_lease(session: AsyncSession, name: str) -> Lease | None:
+    """The named row of ``broker_leases`` (a lease, or a cursor kept in the same table), unlocked."""
+    return await session.get(Lease, name)
+
+
+async def add_lease(session: AsyncSession, name: str, holder: str, *, expires_at: datetime) -> None:
+    """Stage a new row; a concurrent insert of the same name fails at the caller's commit."""
+    session.add(Lease(name=name, holder=holder, expires_at=expires_at))
+
+
+async def set_lease_holder(session: AsyncSession, name: str, holder: str) -> None:
+    """Overwrite ``holder`` without a lease check: the caller renews the lease in this transaction."""
+    await session.execute(update(Lease).where(Lease.name == name).values(holder=holder))
+
+
+async def release_lease(session: AsyncSession, name: str, holder: str) -> None:
+    """Expire the lease now if ``holder`` still holds it, so another replica need not wait it out."""
+    await session.execute(
+        update(Lease).where(Lease.name == name, Lease.holder == holder).values(expires_at=utcnow())
+    )
+
+
 # -- key rotation -----------------------------------------------------------------------------
+
+
+async def account_ids_after(session: AsyncSession, after_id: str, *, limit: int) -> list[str]:
+    """The next ``limit`` account ids after ``after_id``, in id order: one rotation batch."""
+    rows = await session.execute(
+        select(Account.id).where(Account.id > after_id).order_by(Account.id).limit(limit)
+    )
+    return list(rows.scalars())
+
+
+async def lock_account_states(session: AsyncSession, account_ids: Sequence[str]) -> None:
+    """Lock these accounts' token rows; taken before their seed rows, as a refresh does."""
+    await session.execute(
+        select(AccountState.account_id).where(AccountState.account_id.in_(account_ids)).with_for_update()
+    )
 
 
 async def account_secrets_batch(

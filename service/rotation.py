@@ -11,13 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from . import repository as repo
 from . import sealing
 from .crypto import Keyring
-from .models import Account, AccountState
 
 log = logging.getLogger("service.rotation")
 
@@ -38,18 +36,10 @@ def _rotate(keyring: Keyring, column: str, row_id: str, stored: str | None) -> s
 async def _batch(
     session: AsyncSession, keyring: Keyring, after_id: str, size: int, report: RotationReport
 ) -> str | None:
-    ids = list(
-        (
-            await session.execute(
-                select(Account.id).where(Account.id > after_id).order_by(Account.id).limit(size)
-            )
-        ).scalars()
-    )
+    ids = await repo.account_ids_after(session, after_id, limit=size)
     if not ids:
         return None
-    await session.execute(
-        select(AccountState.account_id).where(AccountState.account_id.in_(ids)).with_for_update()
-    )
+    await repo.lock_account_states(session, ids)
     rows = await repo.account_secrets_batch(session, after_id=after_id, limit=size)
     for account_id, secret, refresh, access in rows:
         if account_id not in ids:

@@ -22,9 +22,6 @@ for a change that committed, and none is lost when a replica dies. Invariants:
   sanitised message): never a secret or token. It is signed with HMAC-SHA256 over
   ``<timestamp>.<body>``. The URL is never logged (some webhook URLs carry a secret in their
   path), redirects are never followed, and each POST is bounded by a timeout.
-
-The few queries here (cursor, event batch, account name, message) belong in ``repository.py``;
-they live here only because that module was being edited elsewhere at the same time.
 """
 
 from __future__ import annotations
@@ -46,7 +43,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -55,7 +51,7 @@ from .context import Context
 from .errors import ConfigurationError
 from .jsonutil import dumps
 from .metrics import Metrics
-from .models import Account, Event, Lease
+from .models import Event
 from .outbound import OutboundPolicy, OutboundURLError
 from .settings import Settings
 
@@ -166,12 +162,12 @@ class Notifier:
     async def prime(self) -> None:
         """Create the cursor at the newest event if there is none: notify from now on."""
         async with self._sessions() as session:
-            cursor = await session.get(Lease, CURSOR)
+            cursor = await repo.get_lease(session, CURSOR)
             if cursor is not None and cursor.holder.isdigit():
                 return
-            newest = str(await session.scalar(select(func.max(Event.id))) or 0)
+            newest = str(await repo.newest_event_id(session))
             if cursor is None:
-                session.add(Lease(name=CURSOR, holder=newest, expires_at=NEVER))
+                await repo.add_lease(session, CURSOR, newest, expires_at=NEVER)
             else:  # not a number: someone edited the row; start again from now
                 cursor.holder = newest
             try:
@@ -212,13 +208,7 @@ class Notifier:
             await self.prime()
             return 0
         async with self._sessions() as session:
-            events = list(
-                (
-                    await session.execute(
-                        select(Event).where(Event.id > cursor).order_by(Event.id).limit(BATCH)
-                    )
-                ).scalars()
-            )
+            events = await repo.events_after(session, cursor, limit=BATCH)
         handled, position, saved = 0, cursor, cursor
         for event in events:
             if not self._gap_passed(position, event.id):
@@ -329,7 +319,7 @@ class Notifier:
 
     async def _cursor(self) -> int | None:
         async with self._sessions() as session:
-            lease = await session.get(Lease, CURSOR)
+            lease = await repo.get_lease(session, CURSOR)
         return int(lease.holder) if lease is not None and lease.holder.isdigit() else None
 
     async def _advance(self, position: int) -> bool:
@@ -337,41 +327,31 @@ class Notifier:
         async with self._sessions() as session, session.begin():
             if not await repo.try_lease(session, LEASE, self.holder, ttl=self._ttl):
                 return False
-            await session.execute(update(Lease).where(Lease.name == CURSOR).values(holder=str(position)))
+            await repo.set_lease_holder(session, CURSOR, str(position))
         return True
 
     async def _release(self) -> None:
         async with self._sessions() as session, session.begin():
-            await session.execute(
-                update(Lease)
-                .where(Lease.name == LEASE, Lease.holder == self.holder)
-                .values(expires_at=repo.utcnow())
-            )
+            await repo.release_lease(session, LEASE, self.holder)
 
     @staticmethod
     async def _account_name(session: AsyncSession, account_id: str | None) -> str | None:
         if account_id is None:
             return None
-        name = await session.scalar(select(Account.name).where(Account.id == account_id))
-        return name if isinstance(name, str) else None  # None: the account was deleted since
+        return await repo.account_name(session, account_id)  # None: the account was deleted since
 
     @staticmethod
     async def _message(session: AsyncSession, event: Event, code: object) -> str | None:
         """Azure's sanitised message, from the refresh_failed event written with the change."""
         if event.account_id is None or not isinstance(code, str):
             return None
-        rows = await session.scalars(
-            select(Event.detail)
-            .where(
-                Event.account_id == event.account_id,
-                Event.kind == "refresh_failed",
-                Event.id < event.id,
-                Event.created_at >= event.created_at - MESSAGE_WINDOW,
-            )
-            .order_by(Event.id.desc())
-            .limit(1)
+        stored = await repo.latest_event_detail(
+            session,
+            event.account_id,
+            "refresh_failed",
+            before_id=event.id,
+            since=event.created_at - MESSAGE_WINDOW,
         )
-        stored = rows.first()
         try:
             detail = json.loads(stored) if stored else {}
         except ValueError:

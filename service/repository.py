@@ -116,7 +116,8 @@ async def default_account_id(session: AsyncSession) -> str | None:
 
 async def account_name(session: AsyncSession, account_id: str) -> str | None:
     """The account's NAME, for a notification about it; None once the account is deleted."""
-    return await session.scalar(select(Account.name).where(Account.id == account_id))
+    row = (await session.execute(select(Account.id, Account.name).where(Account.id == account_id))).first()
+    return row[1] if row is not None and row[0] == account_id else None  # exact id, as get_account
 
 
 async def list_accounts(
@@ -423,16 +424,16 @@ async def lock_account_states(session: AsyncSession, account_ids: Sequence[str])
     )
 
 
-async def account_secrets_batch(
-    session: AsyncSession, *, after_id: str, limit: int
+async def account_secrets(
+    session: AsyncSession, account_ids: list[str]
 ) -> list[tuple[str, str | None, str, str | None]]:
-    """(id, CLIENT_SECRET, REFRESH_TOKEN, cached access token) in id order, after ``after_id``."""
+    """(id, CLIENT_SECRET, REFRESH_TOKEN, cached access token) of exactly these accounts (by id,
+    not by range: an account created meanwhile inside the range must not push one out)."""
     rows = await session.execute(
         select(Account.id, Account.client_secret, Account.refresh_token, AccountState.access_token)
         .outerjoin(AccountState, AccountState.account_id == Account.id)
-        .where(Account.id > after_id)
+        .where(Account.id.in_(account_ids))
         .order_by(Account.id)
-        .limit(limit)
         .with_for_update(of=Account)
     )
     return [(r[0], r[1], r[2], r[3]) for r in rows]

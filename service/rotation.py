@@ -40,7 +40,7 @@ async def _batch(
     if not ids:
         return None
     await repo.lock_account_states(session, ids)
-    rows = await repo.account_secrets_batch(session, after_id=after_id, limit=size)
+    rows = await repo.account_secrets(session, ids)
     for account_id, secret, refresh, access in rows:
         if account_id not in ids:
             continue

@@ -13,7 +13,8 @@ import pytest
 import respx
 from sqlalchemy import select
 
-from service import migrate
+from service import migrate, sealing
+from service import repository as repo
 from service.crypto import Keyring, generate_key
 from service.db import create_engine, create_sessionmaker
 from service.errors import ConfigurationError
@@ -80,6 +81,58 @@ async def test_rotate_then_drop_the_old_key(
             r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
             assert r.json()["access_token"] == "cached-at"
         assert route.call_count == 3  # the stored tokens decrypted: no new IdP call
+
+
+async def test_an_account_created_inside_a_batch_pushes_none_out(
+    database_url: str, tmp_path: Path, run_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An account created (under the new key) between a batch's id query and its secrets query,
+    with an id inside the batch's range, does not push a locked account out of the batch: every
+    old value is rotated, so the old key can go."""
+    await migrate.upgrade(database_url)
+    old, new = generate_key(), generate_key()
+    async with run_app(make_settings(database_url, tmp_path, encryption_keys=old)) as running:
+        for _ in range(2):
+            assert (
+                await running.client.post("/accounts", json=account_body(), headers=admin())
+            ).status_code == 201
+    settings_both = make_settings(database_url, tmp_path, encryption_keys=f"{new},{old}")
+    keyring = Keyring.from_strings([new, old])
+    lock = repo.lock_account_states
+    created: list[str] = []
+
+    async def lock_then_someone_creates(session: Any, account_ids: list[str]) -> None:
+        await lock(session, account_ids)
+        if not created:  # in the same transaction: the next query sees it, on SQLite as on MySQL
+            account_id = account_ids[0] + "-created-meanwhile"
+            sealed = sealing.seal(keyring, sealing.CLIENT_SECRET, account_id, "new-secret")
+            account = Account(
+                id=account_id,
+                version=1,
+                default_account=False,
+                tenant_id="t",
+                name="meanwhile",
+                client_id="c",
+                client_secret=sealed,
+                refresh_token="",
+                authorization_url="https://login.microsoftonline.com/t/oauth2/authorize",
+                token_url="https://login.microsoftonline.com/t/oauth2/token",
+                api_url="https://org.crm.dynamics.com/api/data/v9.2",
+            )
+            now = repo.utcnow()
+            state = AccountState(account_id=account_id, created_at=now, updated_at=now)
+            await repo.insert_account(session, account, state)
+            created.append(account_id)
+
+    monkeypatch.setattr(repo, "lock_account_states", lock_then_someone_creates)
+    engine = create_engine(settings_both)
+    try:
+        report = await rotate_all(create_sessionmaker(engine), keyring, batch=2)
+    finally:
+        await engine.dispose()
+    assert created
+    assert report.accounts == 2
+    assert await stored_key_ids(settings_both) == {keyring.primary_key_id}
 
 
 async def test_wrong_key_refuses_to_start_naming_the_key_id(

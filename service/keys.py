@@ -82,8 +82,7 @@ class KeyService:
         )
         async with self._sessions() as session, session.begin():
             await self._check_accounts(session, data.accounts)
-            session.add(key)
-            await session.flush()
+            await repo.insert_key(session, key)
             await repo.set_key_scope(session, key.id, data.accounts or [])
             await repo.add_event(
                 session,

@@ -302,6 +302,12 @@ async def take_pending(session: AsyncSession, state_hash: str) -> PendingAuthori
 # -- caller keys ------------------------------------------------------------------------------
 
 
+async def insert_key(session: AsyncSession, key: ApiKey) -> None:
+    """Add a key row and flush, so its scope rows can refer to it in the same transaction."""
+    session.add(key)
+    await session.flush()
+
+
 async def list_keys(session: AsyncSession, *, limit: int, offset: int) -> list[ApiKey]:
     rows = await session.execute(
         select(ApiKey).order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)

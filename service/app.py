@@ -78,12 +78,19 @@ async def build_context(settings: Settings) -> Context:
     )
 
 
-async def close_context(ctx: Context, tasks: list[asyncio.Task[None]]) -> None:
+async def close_context(
+    ctx: Context, tasks: list[asyncio.Task[None]], notifier: webhooks.Notifier | None = None
+) -> None:
+    """Stop the background work, then let what may wait on the database or Azure finish side by
+    side: each step is bounded (the webhook lease 2 s, key usage 3 s, refreshes in flight half
+    the shutdown timeout), so after uvicorn's own wait the whole stays within the pod's grace."""
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await background.flush_key_usage(ctx)
-    await ctx.broker.close()
+    closing = [background.flush_key_usage(ctx), ctx.broker.close()]
+    if notifier is not None:
+        closing.append(notifier.aclose())
+    await asyncio.gather(*closing, return_exceptions=True)
     await ctx.http.aclose()
     await ctx.engine.dispose()
 
@@ -104,9 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             ctx.extras["draining"] = True
-            if notifier is not None:
-                await notifier.aclose()
-            await close_context(ctx, tasks)
+            await close_context(ctx, tasks, notifier)
             app.state.ctx = None
 
     app = FastAPIOffline(

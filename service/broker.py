@@ -14,17 +14,28 @@ Invariants:
   any caller sees the token; Azure is never called unless the row lock was taken (so the result
   can be stored).
 * After a transient failure the account waits (``next_attempt_at``, stored so every replica
-  honours it, and Azure's ``Retry-After`` when given) before Azure is asked again.
+  honours it, and Azure's ``Retry-After`` when given) before Azure is asked again. This process
+  also remembers it (``_holds``), as it remembers a refusal only a person can fix, so callers in
+  the stale window do not each take the row lock to learn it again; a change of the account
+  (its VERSION) lifts a hold.
+* A result is stored only for what the account still holds: if an admin changed its credentials
+  while Azure answered, the result is dropped (their values win).
+* At most ``REFRESH_SLOTS`` refreshes hold a database connection at once, so a slow Azure cannot
+  take the whole pool from readiness probes, the sync and the admin API.
+* A caller waits at most ``max_wait_seconds`` in all; a ``min_ttl`` above what the cached token
+  has forces at most one refresh per ``forced_refresh_interval_seconds`` per account.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -36,6 +47,7 @@ from . import repository as repo
 from . import sealing
 from .azure_ad import AzureADClient, ClientCredentials, TokenGrant
 from .crypto import DecryptionError, Keyring
+from .db import POOL_SIZE
 from .errors import (
     AccountNotFound,
     ActionRequired,
@@ -51,6 +63,28 @@ from .settings import Settings
 from .token_response import CachedToken
 
 log = logging.getLogger("service.broker")
+
+# Refreshes that may hold a database connection at once: half the pool (service/db.py).
+REFRESH_SLOTS = POOL_SIZE // 2
+
+# What Azure is asked with: the grant type, the credentials and the refresh token.
+Asked = tuple[str, ClientCredentials, str]
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """Why this process does not ask Azure for an account now, and until when (inf: until a
+    person changes the account, i.e. its VERSION moves)."""
+
+    until: float
+    version: int
+    error: ActionRequired | Unavailable
+
+    def raise_again(self, now: float) -> NoReturn:
+        error = self.error
+        if isinstance(error, ActionRequired):
+            raise type(error)(error.detail, idp_code=error.idp_code, idp_message=error.idp_message)
+        raise type(error)(error.detail, retry_after=self.until - now, reason=error.reason)
 
 
 class TokenBroker:
@@ -75,7 +109,10 @@ class TokenBroker:
         self.cache: dict[str, CachedToken] = {}
         self.default_account_id: str | None = None
         self._inflight: dict[str, asyncio.Task[CachedToken]] = {}
-        self._not_before: dict[str, tuple[float, Unavailable]] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._forced: dict[str, float] = {}  # account id -> when a min_ttl last forced a refresh
+        self._forced_every = settings.forced_refresh_interval_seconds
+        self._slots = asyncio.Semaphore(REFRESH_SLOTS)
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._min_ttl = float(settings.min_token_ttl_seconds)
@@ -124,14 +161,34 @@ class TokenBroker:
         entry = self.peek(account_id, need)
         if entry is not None:
             return entry
-        started = self.clock()
-        entry = await self._wait(account_id, need)
-        # A refresh that finished for a caller needing less may not satisfy this one; one
-        # more round asks Azure. A token fetched after we arrived is returned as it is, even
-        # when Azure's lifetime is shorter than min_ttl (asking again would not help).
-        if entry.expires_at - self.clock() < need and entry.obtained_at < started:
-            entry = await self._wait(account_id, need)
+        now = self.clock()
+        cached = self.cache.get(account_id)
+        if cached is not None and cached.expires_at - now >= self._min_ttl:
+            # Only the caller's min_ttl asks for a refresh.
+            if now - self._forced.get(account_id, -math.inf) < self._forced_every:
+                self._metrics.tokens["hit"] += 1
+                return cached
+            self._forced[account_id] = now
+        try:
+            async with asyncio.timeout(self._settings.max_wait_seconds):
+                entry = await self._wait(account_id, need)
+                # A refresh that finished for a caller needing less may not satisfy this one;
+                # one more round asks Azure. A token fetched after we arrived is returned as it
+                # is, even when Azure's lifetime is shorter than min_ttl (asking again would not
+                # help).
+                if entry.expires_at - self.clock() < need and entry.obtained_at < now:
+                    entry = await self._wait(account_id, need)
+        except TimeoutError:
+            raise self.too_slow() from None
         return entry
+
+    @staticmethod
+    def too_slow() -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            "Getting a token took longer than the broker lets a caller wait; try again.",
+            retry_after=2,
+            reason="timeout",
+        )
 
     async def _wait(self, account_id: str, need: float) -> CachedToken:
         task = self._inflight.get(account_id)
@@ -139,13 +196,7 @@ class TokenBroker:
             task = self._start(account_id, self._obtain(account_id, need))
         self._metrics.refresh_waiters.inc()
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout=self._settings.max_wait_seconds)
-        except TimeoutError:
-            raise UpstreamUnavailable(
-                "Getting a token took longer than the broker lets a caller wait; try again.",
-                retry_after=2,
-                reason="timeout",
-            ) from None
+            return await asyncio.shield(task)
         finally:
             self._metrics.refresh_waiters.dec()
 
@@ -167,10 +218,7 @@ class TokenBroker:
         return task
 
     def refresh_in_background(self, account_id: str) -> None:
-        if self._closed or account_id in self._inflight:
-            return
-        backoff = self._not_before.get(account_id)
-        if backoff is not None and self.clock() < backoff[0]:
+        if self._closed or account_id in self._inflight or self._held(account_id) is not None:
             return
         margin = float(self._settings.refresh_margin_seconds)
         self._start(account_id, self._obtain(account_id, margin))
@@ -179,15 +227,13 @@ class TokenBroker:
         """Refresh an idle account so its refresh token does not expire from disuse."""
         if account_id in self._inflight:
             return
-        task = self._start(account_id, self._refresh_locked(account_id, float("inf"), refreshed_before))
+        task = self._start(account_id, self._refresh_in_slot(account_id, math.inf, None, refreshed_before))
         await asyncio.shield(task)
 
     async def _obtain(self, account_id: str, need: float) -> CachedToken:
-        backoff = self._not_before.get(account_id)
-        if backoff is not None:
-            until, error = backoff
-            if self.clock() < until:
-                raise type(error)(error.detail, retry_after=until - self.clock(), reason=error.reason)
+        hold = self._held(account_id)
+        if hold is not None:
+            hold.raise_again(self.clock())
         async with self._session() as session:
             row = await repo.get_account(session, account_id)
         if row is None:
@@ -198,11 +244,19 @@ class TokenBroker:
             self._store(entry)
             self._metrics.tokens["loaded"] += 1
             return entry
-        return await self._refresh_locked(account_id, need, None)
+        seen = entry.obtained_at if entry is not None else None
+        return await self._refresh_in_slot(account_id, need, seen, None)
+
+    async def _refresh_in_slot(
+        self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
+    ) -> CachedToken:
+        async with self._slots:
+            return await self._refresh_locked(account_id, need, seen, refreshed_before)
 
     async def _refresh_locked(
-        self, account_id: str, need: float, refreshed_before: datetime | None
+        self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
     ) -> CachedToken:
+        """``seen``: when the stored token was obtained, as read before waiting for the lock."""
         async with self._session() as session:
             waited = time.perf_counter()
             row = await repo.lock_account_state(session, account_id)
@@ -211,22 +265,23 @@ class TokenBroker:
                 self.forget(account_id)
                 raise AccountNotFound(account_id)
             account, state = row
-            reuse = self._reusable(account, state, need, refreshed_before)
+            reuse = self._reusable(account, state, need, seen, refreshed_before)
             if reuse is not None:
                 return reuse
-            self._refuse_if_blocked(state)
+            self._refuse_if_blocked(account, state)
+            asked = self._asked_with(account, state)
             if self._settings.is_sqlite:
                 # SQLite has one writer: holding its lock across the IdP call would stall every
                 # other account. One process, single-flight per account: no lock is needed.
                 await session.commit()
-            grant = await self._call_azure(session, account, state)
+            grant = await self._call_azure(session, account, state, asked)
             try:
-                entry = await self._save_grant(session, account, state, grant)
+                entry = await self._save_grant(session, account, state, grant, asked)
                 await session.commit()
             except SQLAlchemyError:
                 entry = self._unsaved(account, grant)
         self._store(entry)
-        self._not_before.pop(account_id, None)
+        self._holds.pop(account_id, None)
         self._metrics.tokens["refreshed"] += 1
         return entry
 
@@ -250,53 +305,106 @@ class TokenBroker:
         )
 
     def _reusable(
-        self, account: Account, state: AccountState, need: float, refreshed_before: datetime | None
+        self,
+        account: Account,
+        state: AccountState,
+        need: float,
+        seen: float | None,
+        refreshed_before: datetime | None,
     ) -> CachedToken | None:
-        """The stored token when it makes a call to Azure unnecessary (another replica refreshed)."""
+        """The stored token when it makes a call to Azure unnecessary: it has ``need`` seconds
+        left, or another replica refreshed while this one waited for the lock (Azure would answer
+        a token of the same lifetime, whatever min_ttl asks)."""
         entry = self._from_row(account, state)
         if entry is None:
             return None
+        left = entry.expires_at - self.clock()
         if refreshed_before is not None:
             fresh = state.last_refreshed_at is not None and state.last_refreshed_at >= refreshed_before
         else:
-            fresh = entry.expires_at - self.clock() >= need
+            fresh = left >= need or (left >= self._min_ttl and entry.obtained_at != seen)
         if fresh:
             self._store(entry)
             self._metrics.tokens["loaded"] += 1
             return entry
         return None
 
-    def _refuse_if_blocked(self, state: AccountState) -> None:
+    def _refuse_if_blocked(self, account: Account, state: AccountState) -> None:
+        """Raise (and remember) what the stored state says: a wait another replica started, or a
+        refusal only a person can fix (asking Azure again with the same credentials cannot help)."""
         now = repo.utcnow()
+        version = account.version or 0
+        error: ActionRequired | Unavailable | None = None
+        seconds = math.inf
         if state.next_attempt_at is not None and state.next_attempt_at > now:
-            wait = (state.next_attempt_at - now).total_seconds()
-            raise UpstreamUnavailable(
+            seconds = (state.next_attempt_at - now).total_seconds()
+            error = UpstreamUnavailable(
                 f"Azure AD failed recently ({state.last_error_code or 'error'}); the broker waits "
                 "before asking again.",
-                retry_after=wait,
+                retry_after=seconds,
                 reason="backoff",
             )
-        # A person must act first; asking Azure again with the same credentials cannot help.
-        if state.status == outcome.NEEDS_AUTHORIZATION and state.last_error_code:
-            raise NeedsAuthorization(outcome.action_text(state), idp_code=state.last_error_code)
-        if state.status == outcome.INVALID_CREDENTIALS and state.last_error_code:
-            raise InvalidCredentials(outcome.action_text(state), idp_code=state.last_error_code)
+        elif state.status == outcome.NEEDS_AUTHORIZATION and state.last_error_code:
+            error = NeedsAuthorization(outcome.action_text(state), idp_code=state.last_error_code)
+        elif state.status == outcome.INVALID_CREDENTIALS and state.last_error_code:
+            error = InvalidCredentials(outcome.action_text(state), idp_code=state.last_error_code)
+        if error is not None:
+            self._holds[account.id] = _Hold(self.clock() + seconds, version, error)
+            raise error
 
-    async def _call_azure(self, session: AsyncSession, account: Account, state: AccountState) -> TokenGrant:
-        creds = self.credentials(account)
-        grant_type = state.grant_type
+    def _held(self, account_id: str) -> _Hold | None:
+        hold = self._holds.get(account_id)
+        return hold if hold is not None and self.clock() < hold.until else None
+
+    def _asked_with(self, account: Account, state: AccountState) -> Asked:
         refresh_token = ""
-        if grant_type == "authorization_code":
+        if state.grant_type == "authorization_code":
             refresh_token = self.unseal(sealing.REFRESH_TOKEN, account.id, account.refresh_token) or ""
-            if not refresh_token:
-                await self._record_failure(
-                    session,
-                    state,
-                    NeedsAuthorization(
-                        "The account has no refresh token yet: authorize it "
-                        f"(POST /accounts/{account.id}/authorize) or paste a code."
-                    ),
-                )
+        return state.grant_type, self.credentials(account), refresh_token
+
+    async def _still_current(
+        self,
+        session: AsyncSession,
+        account: Account,
+        state: AccountState,
+        asked: Asked,
+        grant: TokenGrant | None = None,
+    ) -> tuple[Account, AccountState]:
+        """The account's rows now, when Azure was asked with what the account still holds; else
+        the result is dropped and the caller asked to try again (the admin's values win).
+
+        On MySQL only another account's default change can move VERSION meanwhile (a PATCH waits
+        for the token row lock); on SQLite, where Azure is called outside a transaction, any
+        change can. The seed row stays locked until the result is committed."""
+        if await repo.lock_account_version(session, account.id) == (account.version or 0):
+            return account, state
+        row = await repo.get_account(session, account.id)
+        if row is None:
+            self.forget(account.id)
+            raise AccountNotFound(account.id)
+        if self._asked_with(*row) == asked:
+            return row  # a name or the default flag changed: the result still belongs here
+        if grant is not None and grant.refresh_token:
+            self._metrics.refresh_token_unsaved.inc()
+        log.warning("refresh result dropped: the account changed", extra={"account_id": account.id})
+        raise UpstreamUnavailable(
+            "The account changed while Azure AD answered; try again.", retry_after=1, reason="conflict"
+        )
+
+    async def _call_azure(
+        self, session: AsyncSession, account: Account, state: AccountState, asked: Asked
+    ) -> TokenGrant:
+        grant_type, creds, refresh_token = asked
+        if grant_type == "authorization_code" and not refresh_token:
+            await self._record_failure(
+                session,
+                account,
+                state,
+                NeedsAuthorization(
+                    "The account has no refresh token yet: authorize it "
+                    f"(POST /accounts/{account.id}/authorize) or paste a code."
+                ),
+            )
         started = time.perf_counter()
         result = "ok"
         try:
@@ -305,7 +413,7 @@ class TokenBroker:
             return await self._azure.refresh(creds, refresh_token)
         except (ActionRequired, UpstreamUnavailable) as exc:
             result = exc.code if isinstance(exc, ActionRequired) else exc.reason
-            await self._record_failure(session, state, exc)
+            await self._record_failure(session, account, state, exc, asked)
         finally:
             self._metrics.idp_requests.labels(grant_type, result).inc()
             self._metrics.idp_latency.labels(grant_type).observe(time.perf_counter() - started)
@@ -316,25 +424,37 @@ class TokenBroker:
         return max(retry_after, jittered)
 
     async def _record_failure(
-        self, session: AsyncSession, state: AccountState, exc: ActionRequired | Unavailable
+        self,
+        session: AsyncSession,
+        account: Account,
+        state: AccountState,
+        exc: ActionRequired | Unavailable,
+        asked: Asked | None = None,
     ) -> NoReturn:
-        """Store what went wrong (committed even though the caller gets an error), then raise it;
-        a transient failure also starts this process's wait before the next call to Azure."""
-        delay, retry_at = 0.0, None
+        """Store what went wrong (committed even though the caller gets an error), then raise it
+        and hold the account in this process: a transient failure for its backoff, a refusal
+        until the account changes. ``asked``: Azure's answer to what, if the account may have
+        changed since (then a failure for old credentials is not recorded)."""
+        if asked is not None:
+            account, state = await self._still_current(session, account, state, asked)
+        delay, retry_at, hold = 0.0, None, math.inf
         if isinstance(exc, Unavailable):
             delay = self._backoff(state.failures + 1, exc.retry_after if exc.reason == "throttled" else 0.0)
-            self._not_before[state.account_id] = (self.clock() + delay, exc)
             retry_at = repo.from_epoch(self.clock() + delay)
+            hold = delay
         await outcome.record_failure(session, state, exc, retry_at=retry_at, retry_after=delay)
+        self._holds[account.id] = _Hold(self.clock() + hold, account.version or 0, exc)
         raise exc
 
     async def _save_grant(
-        self, session: AsyncSession, account: Account, state: AccountState, grant: TokenGrant
+        self, session: AsyncSession, account: Account, state: AccountState, grant: TokenGrant, asked: Asked
     ) -> CachedToken:
+        account, state = await self._still_current(session, account, state, asked, grant)
         now = self.clock()
         if grant.expires_at - now < self._settings.min_token_ttl_seconds:
             await self._record_failure(
                 session,
+                account,
                 state,
                 UpstreamUnavailable(
                     "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
@@ -362,11 +482,19 @@ class TokenBroker:
             if row is None:
                 raise AccountNotFound(account_id)
             account, state = row
+            if await repo.lock_account_version(session, account_id) != (account.version or 0):
+                row = await repo.get_account(session, account_id)  # changed before the lock: read again
+                if row is None:
+                    raise AccountNotFound(account_id)
+                account, state = row
             # A new authorization supersedes any earlier failure or backoff.
             await repo.update_state(session, account_id, {"next_attempt_at": None, "failures": 0})
-            entry = await self._save_grant(session, account, state, grant)
+            version = await outcome.record_grant(session, self._keyring, account, state, grant)
             await repo.add_event(session, account_id=account_id, kind="authorized", actor=actor)
-        self._not_before.pop(account_id, None)
+        entry = self._entry(
+            account_id, grant.access_token, grant.expires_at, version, account.api_url, self.clock()
+        )
+        self._holds.pop(account_id, None)
         self._store(entry)
         return entry
 
@@ -453,15 +581,22 @@ class TokenBroker:
 
     def forget(self, account_id: str) -> None:
         self.cache.pop(account_id, None)
-        self._not_before.pop(account_id, None)
+        self._holds.pop(account_id, None)
+        self._forced.pop(account_id, None)
         self._metrics.cache_size.set(len(self.cache))
 
     def apply_versions(self, versions: list[tuple[str, int, bool]]) -> None:
-        """Drop cached tokens of accounts deleted or changed elsewhere; learn the default."""
+        """Drop cached tokens and holds of accounts deleted or changed elsewhere; learn the default."""
         known = {account_id: version for account_id, version, _ in versions}
         for account_id, entry in list(self.cache.items()):
             if known.get(account_id, -1) != entry.version:
                 self.forget(account_id)
+        for account_id, hold in list(self._holds.items()):
+            if known.get(account_id, -1) != hold.version:
+                del self._holds[account_id]
+        for account_id, when in list(self._forced.items()):
+            if self.clock() - when >= self._forced_every:
+                del self._forced[account_id]  # keeps the map small
         self.default_account_id = next((a for a, _, d in versions if d), None)
 
     async def close(self) -> None:

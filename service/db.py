@@ -16,6 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from .settings import Settings
 
+# MySQL connections kept per replica, and as many more under load. The broker lets at most half
+# of them wait on Azure (broker.REFRESH_SLOTS); probes, the sync and the admin API use the rest.
+POOL_SIZE = 10
+
 
 def sqlite_path(url: str) -> Path | None:
     """The file behind a SQLite URL, or None for memory/other databases."""
@@ -39,8 +43,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         url,
         pool_pre_ping=True,
         pool_recycle=1800,
-        pool_size=10,
-        max_overflow=10,
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_SIZE,
         pool_timeout=settings.lock_wait_seconds,
         isolation_level="READ COMMITTED",
         connect_args={"connect_timeout": 5},

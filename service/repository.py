@@ -195,6 +195,16 @@ async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Ac
     return (account, state) if account is not None and account.id == account_id else None
 
 
+async def lock_account_version(session: AsyncSession, account_id: str) -> int | None:
+    """Lock the account's seed row and return its VERSION (None: deleted)."""
+    row = (
+        await session.execute(
+            select(Account.id, Account.version).where(Account.id == account_id).with_for_update()
+        )
+    ).first()
+    return (row[1] or 0) if row is not None and row[0] == account_id else None
+
+
 async def status_counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(AccountState.status, func.count()).group_by(AccountState.status))
     return {str(status): int(count) for status, count in rows}

@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     idp_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
     lock_wait_seconds: int = Field(default=20, ge=1, le=600)
     max_wait_seconds: float = Field(default=30.0, gt=0, le=600)
+    # A min_ttl the cached token cannot meet refreshes at most this often per account (and
+    # replica): Azure answers a token of the same lifetime, so repeating it must not redeem a
+    # refresh token on every request.
+    forced_refresh_interval_seconds: float = Field(default=30.0, ge=0, le=3_600)
     backoff_base_seconds: float = Field(default=1.0, ge=0)
     backoff_max_seconds: float = Field(default=10.0, ge=0)
     keepalive_interval_seconds: int = Field(default=86_400, ge=60)

@@ -285,6 +285,8 @@ def fault_env(database_url: str, tmp_path: Path, **overrides: str) -> tuple[dict
         "BROKER_IDP_TIMEOUT_SECONDS": str(IDP_TIMEOUT),
         "BROKER_LOCK_WAIT_SECONDS": str(LOCK_WAIT),
         "BROKER_MAX_WAIT_SECONDS": str(MAX_WAIT),
+        # The scenarios force refreshes with ?min_ttl=3600 again and again, on purpose.
+        "BROKER_FORCED_REFRESH_INTERVAL_SECONDS": "0",
         "BROKER_BACKOFF_BASE_SECONDS": str(BACKOFF_BASE),
         "BROKER_BACKOFF_MAX_SECONDS": str(BACKOFF_MAX),
         "BROKER_SYNC_INTERVAL_SECONDS": str(SYNC_INTERVAL),

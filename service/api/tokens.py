@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
+from ..auth import Principal
+from ..broker import TokenBroker
 from ..errors import AccountNotFound, BrokerError, NotFound
 from ..schemas import Problem, TokenOut
+from ..token_response import CachedToken
 from .deps import AccountId, Caller, Ctx
 
 router = APIRouter(tags=["tokens"])
@@ -22,7 +26,9 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
     description=(
         "`account_id` may be `default`. Served from memory while the token has more than the refresh "
         "margin left; otherwise the caller waits for the one refresh in flight. `min_ttl` asks for at "
-        "least that many seconds of validity (a fresh token is returned even if Azure's lifetime is shorter)."
+        "least that many seconds of validity: the broker refreshes for it (at most once per "
+        "BROKER_FORCED_REFRESH_INTERVAL_SECONDS per account) and returns the fresh token even if "
+        "Azure's lifetime is shorter."
     ),
     responses={
         401: {"model": Problem, "description": "Missing or invalid API key"},
@@ -42,14 +48,29 @@ async def get_token(
 ) -> Response:
     broker = ctx.broker
     try:
-        resolved = await broker.resolve(account_id) if account_id == "default" else account_id
-        if not caller.may_use(resolved):
-            # Answer exactly as for a missing account, after the same database look-up.
-            await broker.exists(resolved)
-            raise AccountNotFound(resolved)
-        entry = await broker.get_token(resolved, min_ttl=min_ttl)
+        # One bound for the whole wait, the look-ups included (get_token bounds its own part).
+        async with asyncio.timeout(ctx.settings.max_wait_seconds):
+            entry = await _token(broker, caller, account_id, min_ttl)
+    except TimeoutError:
+        exc = broker.too_slow()
+        ctx.metrics.tokens[exc.code] = ctx.metrics.tokens.get(exc.code, 0) + 1
+        raise exc from None
     except BrokerError as exc:
         outcome = "not_found" if isinstance(exc, NotFound) else exc.code
         ctx.metrics.tokens[outcome] = ctx.metrics.tokens.get(outcome, 0) + 1
         raise
     return Response(entry.body(broker.now()), media_type="application/json", headers=NO_STORE)
+
+
+async def _token(broker: TokenBroker, caller: Principal, account_id: str, min_ttl: int) -> CachedToken:
+    if account_id == "default":
+        try:
+            account_id = await broker.resolve(account_id)
+        except AccountNotFound:
+            await broker.exists(account_id)  # as many look-ups as a default outside the key's scope
+            raise
+    if not caller.may_use(account_id):
+        # Answer exactly as for a missing account, after the same database look-up.
+        await broker.exists(account_id)
+        raise AccountNotFound(account_id)
+    return await broker.get_token(account_id, min_ttl=min_ttl)

@@ -1,0 +1,203 @@
+"""Refreshes meeting other work (SQLite and MariaDB): a slow Azure and the connection pool, admin
+changes while Azure answers, accounts held after a failure, a min_ttl Azure cannot meet."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import httpx
+import respx
+from sqlalchemy import event
+
+from service.broker import REFRESH_SLOTS
+from service.errors import UpstreamUnavailable
+
+from .conftest import CLIENT_SECRET, TOKEN_URL_V1, account_body, admin, client, v1_token
+from .test_tokens import Held, create, form, stored_refresh_token
+
+
+async def test_slow_azure_leaves_the_pool_to_probes_and_admins(running: Any, azure: respx.MockRouter) -> None:
+    """At most REFRESH_SLOTS refreshes hold a connection while Azure is slow; /readyz and the
+    admin API keep answering, and every caller gets its token once Azure does."""
+    held = Held(httpx.Response(200, json=v1_token("slow", "rt-2")))
+    azure.post(TOKEN_URL_V1).mock(side_effect=held)
+    ids = [await create(running) for _ in range(REFRESH_SLOTS + 5)]
+    waiters = [asyncio.create_task(running.ctx.broker.get_token(i)) for i in ids]
+    await held.until_arrived(REFRESH_SLOTS)
+    for _ in range(50):  # every waiter gets the chance to start its refresh
+        await asyncio.sleep(0)
+    assert held.arrived == REFRESH_SLOTS
+    assert (await running.client.get("/readyz")).status_code == 200
+    assert (await running.client.get("/accounts", headers=admin())).status_code == 200
+    held.release.set()
+    tokens = await asyncio.gather(*waiters)
+    assert {t.access_token for t in tokens} == {"slow"}
+    assert held.arrived == len(ids)
+
+
+async def test_default_moving_elsewhere_during_a_refresh_keeps_its_result(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """Another account becoming the default moves this one's VERSION while Azure answers: the
+    rotated refresh token is still stored (nothing about this account's credentials changed)."""
+    held = Held(httpx.Response(200, json=v1_token("fresh", "rt-rotated")))
+    azure.post(TOKEN_URL_V1).mock(side_effect=held)
+    account_id = await create(running, default_account=True)
+    waiter = asyncio.create_task(running.ctx.broker.get_token(account_id))
+    await held.until_arrived()
+    other = await running.client.post("/accounts", json=account_body(default_account=True), headers=admin())
+    assert other.status_code == 201
+    held.release.set()
+    assert (await waiter).access_token == "fresh"
+    assert await stored_refresh_token(running, account_id) == "rt-rotated"
+    got = (await running.client.get(f"/accounts/{account_id}", headers=admin())).json()
+    assert (got["status"], got["default_account"]) == ("ready", False)
+
+
+async def test_a_token_for_replaced_credentials_is_never_served_after_the_change(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """An admin replaces the secret while Azure answers a refresh made with the old one. On SQLite
+    (Azure called outside a transaction) that result is dropped; on MySQL the PATCH waits for the
+    refresh. Either way, once the PATCH is done, callers get a token from the new secret."""
+    release = asyncio.Event()
+    secrets: list[str] = []
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        secret = form(request)["client_secret"]
+        secrets.append(secret)
+        if secret == CLIENT_SECRET:
+            await release.wait()
+            return httpx.Response(200, json=v1_token("from-old-secret", None))
+        return httpx.Response(200, json=v1_token("from-new-secret", None))
+
+    azure.post(TOKEN_URL_V1).mock(side_effect=answer)
+    account_id = await create(running)
+    waiter = asyncio.create_task(running.ctx.broker.get_token(account_id))
+    while not secrets:
+        await asyncio.sleep(0.01)
+    patch = asyncio.create_task(
+        running.client.patch(
+            f"/accounts/{account_id}", json={"client_secret": "new-secret~value-0123456789"}, headers=admin()
+        )
+    )
+    await asyncio.wait({patch}, timeout=1.0)  # SQLite: done; MySQL: waits for the row lock
+    release.set()
+    assert (await patch).status_code == 200
+    first = await asyncio.gather(waiter, return_exceptions=True)
+    if isinstance(first[0], UpstreamUnavailable):
+        assert first[0].reason == "conflict"
+    r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
+    assert r.status_code == 200, r.text
+    assert r.json()["access_token"] == "from-new-secret"
+
+
+async def test_a_refused_account_is_not_asked_about_again_on_every_request(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """Azure refused the refresh token while a cached token is still valid: the requests that keep
+    getting it run no SQL (the refusal is remembered until the account changes)."""
+    route = azure.post(TOKEN_URL_V1)
+    route.side_effect = [
+        httpx.Response(200, json=v1_token("short", "rt-2", expires_in=200)),  # inside the margin
+        httpx.Response(
+            400,
+            json={
+                "error": "invalid_grant",
+                "error_description": "AADSTS70008: expired",
+                "error_codes": [70008],
+            },
+        ),
+    ]
+    account_id = await create(running)
+    broker = running.ctx.broker
+    assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
+    assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
+    while broker._inflight:  # the background refresh that Azure refuses
+        await asyncio.sleep(0.01)
+    got = (await running.client.get(f"/accounts/{account_id}", headers=admin())).json()
+    assert got["status"] == "needs_authorization"
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(running.ctx.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        for _ in range(30):
+            r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
+            assert r.json()["access_token"] == "short"
+            await asyncio.sleep(0)
+        while broker._inflight:
+            await asyncio.sleep(0.01)
+    finally:
+        event.remove(running.ctx.engine.sync_engine, "before_cursor_execute", count)
+    assert statements == []
+    assert route.call_count == 2
+    # A new refresh token (the account changes) lifts the hold at once.
+    route.side_effect = None
+    route.return_value = httpx.Response(200, json=v1_token("after", "rt-3"))
+    patched = await running.client.patch(
+        f"/accounts/{account_id}", json={"refresh_token": "0.new-refresh-token"}, headers=admin()
+    )
+    assert patched.status_code == 200
+    r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
+    assert r.json()["access_token"] == "after"
+
+
+async def test_min_ttl_beyond_azures_lifetime_forces_one_refresh_not_one_per_request(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """A caller repeating ?min_ttl=3600 (Azure's tokens live 3599 s) gets the fresh token it
+    forced, not a new refresh token redemption on every request."""
+    numbers = itertools.count(1)
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        n = next(numbers)
+        return httpx.Response(200, json=v1_token(f"at-{n}", f"rt-{n + 1}"))
+
+    route = azure.post(TOKEN_URL_V1).mock(side_effect=answer)
+    account_id = await create(running)
+    assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
+    answers = [
+        await running.client.get(f"/accounts/{account_id}/token?min_ttl=3600", headers=client())
+        for _ in range(10)
+    ]
+    assert {a.status_code for a in answers} == {200}
+    assert {a.json()["access_token"] for a in answers} == {"at-2"}
+    assert route.call_count == 2
+
+
+async def test_default_missing_or_out_of_scope_costs_the_same_lookups(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """A scoped key cannot tell a missing default from one outside its scope by the work done."""
+    mine = await create(running)
+    key = (
+        await running.client.post(
+            "/keys", json={"name": "scoped", "role": "client", "accounts": [mine]}, headers=admin()
+        )
+    ).json()["key"]
+
+    async def lookups() -> int:
+        statements: list[str] = []
+
+        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            statements.append(statement)
+
+        event.listen(running.ctx.engine.sync_engine, "before_cursor_execute", count)
+        try:
+            r = await running.client.get(
+                "/accounts/default/token", headers={"Authorization": f"Bearer {key}"}
+            )
+        finally:
+            event.remove(running.ctx.engine.sync_engine, "before_cursor_execute", count)
+        assert r.status_code == 404
+        return len(statements)
+
+    missing = await lookups()
+    await create(running, default_account=True)  # a default outside the key's scope
+    running.ctx.broker.default_account_id = None  # the fast path must not decide this one
+    assert await lookups() == missing

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .context import Context
 
 CALLBACK_PATH = "/oauth/callback"
+_MAX_PASTED_FIELDS = 50
 PENDING_TTL = timedelta(minutes=10)
 START_AGAIN = "call POST /accounts/{id}/authorize and open the new authorization_url"
 
@@ -117,12 +118,22 @@ def parse_pasted(value: str) -> Redirect:
     text = value.strip()
     is_url = "://" in text
     if is_url:
-        parts = urlsplit(text)
+        try:
+            parts = urlsplit(text)
+        except ValueError as exc:  # e.g. an unclosed '[' in the host
+            raise _invalid(
+                "code", "the pasted URL is not a valid URL: paste it again, or only the code"
+            ) from exc
         candidates = [parts.query, parts.fragment]  # response_mode=fragment puts them after '#'
     else:
         candidates = [text.lstrip("?#")]
     for raw in candidates:
-        params = parse_qs(raw, keep_blank_values=True, max_num_fields=50)
+        try:
+            params = parse_qs(raw, keep_blank_values=True, max_num_fields=_MAX_PASTED_FIELDS)
+        except ValueError as exc:  # more fields than any Azure AD redirect carries
+            raise _invalid(
+                "code", f"the pasted value has more than {_MAX_PASTED_FIELDS} parameters: paste only the code"
+            ) from exc
         if "code" in params or "error" in params:
             first = {k: (v[0].strip() or None) for k, v in params.items()}
             return Redirect(
@@ -239,17 +250,20 @@ class AuthorizationService:
             )
         return AuthorizeOut(authorization_url=url, state=state, expires_at=expires_at)
 
-    async def claim(self, state: str | None) -> Claim:
-        """Consume the pending authorization ``state`` names; InvalidState if none is valid."""
+    async def claim(self, state: str | None, *, account_id: str | None = None) -> Claim:
+        """Consume the pending authorization ``state`` names; InvalidState if none is valid.
+
+        With ``account_id``, only that account's: another account's state is left pending."""
         if not state:
             raise InvalidState(f"The redirect carries no state; to start again, {START_AGAIN}.")
         async with self._sessions() as session, session.begin():
-            pending = await repo.take_pending(session, state_hash(state))
+            pending = await repo.take_pending(session, state_hash(state), account_id=account_id)
         # Consumed even when expired: an expired state must not linger, and is invalid all the same.
         if pending is None or pending.expires_at <= repo.utcnow():
+            whose = " for this account" if account_id else ""
             raise InvalidState(
-                f"This authorization is unknown, expired (they last {PENDING_TTL.seconds // 60} minutes) "
-                f"or already used; to start again, {START_AGAIN}."
+                f"This authorization is unknown{whose}, expired (they last {PENDING_TTL.seconds // 60} "
+                f"minutes) or already used; to start again, {START_AGAIN}."
             )
         verifier = self._broker.unseal(sealing.CODE_VERIFIER, pending.state_hash, pending.code_verifier)
         return Claim(pending.account_id, pending.redirect_uri, verifier or None)
@@ -283,7 +297,8 @@ class AuthorizationService:
         await self._load(account_id)
         pasted = parse_pasted(code_or_url)
         if pasted.state:
-            claim = await self.claim(pasted.state)
+            # Bound to this account, so a state pasted into the wrong account is not used up.
+            claim = await self.claim(pasted.state, account_id=account_id)
             if claim.account_id != account_id:
                 again = START_AGAIN.replace("{id}", account_id)
                 raise InvalidState(

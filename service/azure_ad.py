@@ -30,7 +30,7 @@ import httpx
 
 from service import errors
 from service.outbound import OutboundPolicy, OutboundURLError
-from service.transport import send
+from service.transport import UnsendableURL, send
 
 # Form fields whose values are secret; anything Azure echoes back has them redacted.
 _SECRET_FIELDS = ("client_secret", "refresh_token", "code", "code_verifier")
@@ -285,6 +285,8 @@ class AzureADClient:
             response = await send(
                 self._http, "POST", url, limit=self._timeout, headers=_ACCEPT_JSON, data=form
             )
+        except UnsendableURL as exc:
+            raise errors.InvalidCredentials("token_url is not a valid URL; fix token_url") from exc
         except httpx.TimeoutException as exc:
             detail = f"Azure AD did not answer within {self._timeout:g}s ({type(exc).__name__}); try again"
             raise errors.UpstreamUnavailable(detail, reason="timeout") from exc

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from service.outbound import OutboundPolicy, OutboundURLError
-from service.transport import send
+from service.transport import UnsendableURL, send
 
 Reason = Literal[
     "unauthorized", "forbidden", "not_found", "unreachable", "bad_response", "server_error", "forbidden_url"
@@ -77,6 +77,8 @@ async def who_am_i(
     started = time.perf_counter()
     try:
         response = await send(http, "GET", url, limit=timeout, headers=headers)
+    except UnsendableURL:
+        return ConnectionProblem("forbidden_url", "api_url is not a valid URL; fix api_url", None)
     except httpx.TimeoutException:
         message = f"Dynamics at {host} did not answer within {timeout:g}s; check api_url and try again"
         return ConnectionProblem("unreachable", message, None)

@@ -4,7 +4,9 @@ The broker POSTs client secrets and refresh tokens to URLs an admin typed in, so
 URL must be ``https`` (unless ``BROKER_ALLOW_HTTP``), carry no userinfo, and have a host matching
 ``BROKER_ALLOWED_HOSTS``. A pattern matches the host name only (the port is ignored);
 ``*.example.com`` matches its subdomains (not ``example.com`` itself); an IP address matches only
-when listed exactly. The check runs when a URL is saved and again before every call.
+when listed exactly. The host must also be one httpx can send to (IDNA-valid), so a URL that
+passes is never refused later at send time. The check runs when a URL is saved and again before
+every call.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import httpx
 
 
 class OutboundURLError(ValueError):
@@ -23,6 +27,19 @@ def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        return False
+    return True
+
+
+def _sendable(url: str) -> bool:
+    """Whether httpx can build a request for ``url``.
+
+    Building it is what IDNA-encodes (and decodes) the host: a host urlsplit accepts, such as a
+    bare ``xn--`` label or one with U+200D, would otherwise fail only at send time.
+    """
+    try:
+        httpx.Request("GET", url)
+    except (httpx.InvalidURL, ValueError):  # idna.IDNAError is a UnicodeError, so a ValueError
         return False
     return True
 
@@ -67,6 +84,8 @@ class OutboundPolicy:
             raise OutboundURLError(
                 f"{kind} '{host}' is not in BROKER_ALLOWED_HOSTS; ask the operator to allow it"
             )
+        if not _sendable(url):
+            raise OutboundURLError("has a host name that is not valid")
         if parts.fragment:
             raise OutboundURLError("must not contain a fragment")
         return url

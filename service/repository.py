@@ -292,16 +292,18 @@ async def add_pending(session: AsyncSession, pending: PendingAuthorization) -> N
     await session.flush()
 
 
-async def take_pending(session: AsyncSession, state_hash: str) -> PendingAuthorization | None:
-    """Consume a pending authorization: exactly one caller gets it, even across replicas."""
-    pending = (
-        await session.execute(
-            select(PendingAuthorization)
-            .where(PendingAuthorization.state_hash == state_hash)
-            .with_for_update()
-        )
-    ).scalar_one_or_none()
-    if pending is None:
+async def take_pending(
+    session: AsyncSession, state_hash: str, *, account_id: str | None = None
+) -> PendingAuthorization | None:
+    """Consume a pending authorization: exactly one caller gets it, even across replicas.
+
+    With ``account_id``, only a row for that account is consumed; any other is left as it was."""
+    query = select(PendingAuthorization).where(PendingAuthorization.state_hash == state_hash)
+    if account_id is not None:
+        query = query.where(PendingAuthorization.account_id == account_id)
+    pending = (await session.execute(query.with_for_update())).scalar_one_or_none()
+    # MySQL's utf8 collation matches 'ABC' to 'abc': only the exact account id counts.
+    if pending is None or (account_id is not None and pending.account_id != account_id):
         return None
     result = await session.execute(
         delete(PendingAuthorization).where(PendingAuthorization.state_hash == state_hash)

@@ -22,6 +22,10 @@ import httpx
 DROPPED = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
+class UnsendableURL(ValueError):
+    """httpx cannot build a request for the URL (e.g. a host IDNA refuses); nothing was sent."""
+
+
 async def send(
     http: httpx.AsyncClient,
     method: str,
@@ -31,17 +35,30 @@ async def send(
     headers: Mapping[str, str],
     data: Mapping[str, str] | None = None,
 ) -> httpx.Response:
-    """``method url`` with every phase bounded by ``limit`` seconds; redirects never followed."""
+    """``method url`` with every phase bounded by ``limit`` seconds; redirects never followed.
+
+    Raises ``UnsendableURL`` when no request can be built for ``url``, else httpx's errors."""
     started = time.monotonic()
     try:
-        return await http.request(
-            method, url, headers=headers, data=data, timeout=httpx.Timeout(limit), follow_redirects=False
-        )
+        return await http.send(_build(http, method, url, limit, headers, data), follow_redirects=False)
     except DROPPED:
         left = limit - (time.monotonic() - started)
         if left < limit / 2:  # slow: not a dropped idle connection but a failing server
             raise
     # httpx has discarded the dropped connection: this goes out on a new one.
-    return await http.request(
-        method, url, headers=headers, data=data, timeout=httpx.Timeout(left), follow_redirects=False
-    )
+    return await http.send(_build(http, method, url, left, headers, data), follow_redirects=False)
+
+
+def _build(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    limit: float,
+    headers: Mapping[str, str],
+    data: Mapping[str, str] | None,
+) -> httpx.Request:
+    try:
+        return http.build_request(method, url, headers=headers, data=data, timeout=httpx.Timeout(limit))
+    # httpx raises these outside its HTTPError tree; callers would otherwise see a foreign error.
+    except (httpx.InvalidURL, ValueError) as exc:  # IDNAError is a UnicodeError, a ValueError
+        raise UnsendableURL("no request can be built for this URL") from exc

@@ -660,3 +660,24 @@ def test_resource_of_rejects_non_urls(api_url: str) -> None:
     """A value without an http(s) origin is a ValueError."""
     with pytest.raises(ValueError, match="URL"):
         resource_of(api_url)
+
+
+class _Unchecked(OutboundPolicy):
+    """Lets every URL through, as if the policy had missed one httpx cannot send."""
+
+    def check(self, url: str) -> str:
+        return url
+
+
+@pytest.mark.parametrize("token_url", ["https://xn--.crm.dynamics.com/oauth2/token", "https://a\u200db.x/t"])
+@pytest.mark.parametrize("op", OP_NAMES)
+async def test_a_token_url_httpx_cannot_send_is_invalid_credentials(
+    op: str, token_url: str, router: respx.MockRouter
+) -> None:
+    """Defence in depth: IDNAError/InvalidURL at send time is InvalidCredentials, not a foreign error."""
+    async with httpx.AsyncClient() as http:
+        client = AzureADClient(http, _Unchecked(allowed_hosts=[]), timeout=5.0, clock=lambda: NOW)
+        with pytest.raises(errors.InvalidCredentials, match="token_url") as info:
+            await run(op, client, "v1", token_url=token_url)
+    assert not router.calls
+    assert_no_secret(info.value)

@@ -713,6 +713,10 @@ FORBIDDEN_URLS = {
     "port-out-of-range": "https://login.microsoftonline.com:99999/x",
     "crlf": "https://login.microsoftonline.com/x\r\nHost: evil.example",
     "nul": "https://login.microsoftonline.com\x00.evil.example/x",
+    "empty-a-label": "https://xn--.crm.dynamics.com/oauth2/token",
+    "bad-a-label": "https://xn--abc.crm.dynamics.com/x",
+    "zero-width-joiner": "https://a\u200db.crm.dynamics.com/x",
+    "fullwidth-letter": "https://\uff41.crm.dynamics.com/x",
 }
 
 
@@ -767,6 +771,36 @@ async def test_a_url_made_unsafe_in_the_database_is_not_called(
     assert REFRESH_TOKEN not in r.text
     assert metadata.call_count == 0
     assert not azure.calls
+
+
+@pytest.mark.parametrize("host", ["xn--.crm.dynamics.com", "a\u200db.crm.dynamics.com"])
+async def test_a_host_httpx_cannot_send_to_in_the_database_is_a_problem_not_a_500(
+    host: str, running: Running, azure: respx.MockRouter
+) -> None:
+    """A stored token_url or api_url whose host fails IDNA is refused before any call, never a 500."""
+    account = await new_account(running)
+    async with running.ctx.sessions() as session, session.begin():
+        row = await session.get(Account, account["id"])
+        assert row is not None
+        row.token_url = f"https://{host}/oauth2/token"
+        row.version = (row.version or 0) + 1
+    running.ctx.broker.forget(account["id"])
+    r = await running.client.get(f"/accounts/{account['id']}/token", headers=admin())
+    problem = assert_problem(r, 409, "invalid_credentials")
+    assert "token_url" in problem["detail"]
+    assert CLIENT_SECRET not in r.text
+    assert REFRESH_TOKEN not in r.text
+    other = await new_account(running)
+    async with running.ctx.sessions() as session, session.begin():
+        row = await session.get(Account, other["id"])
+        assert row is not None
+        row.api_url = f"https://{host}/api/data/v9.2"
+        row.version = (row.version or 0) + 1
+    running.ctx.broker.forget(other["id"])
+    azure.post(TOKEN_URL_V1).respond(200, json=v1_token())
+    r = await running.client.post(f"/accounts/{other['id']}/test", headers=admin())
+    assert r.status_code == 200, r.text
+    assert (r.json()["ok"], r.json()["reason"]) == (False, "forbidden_url")
 
 
 # -- 9. redirects from the IdP are never followed --------------------------------------------------
@@ -921,4 +955,68 @@ async def test_a_state_pasted_for_another_account_is_400_and_changes_it_not(
     )
     assert_problem(r, 400, "invalid_state")
     assert not azure.calls
+    assert await snapshot(running) == before
+    token = azure.post(TOKEN_URL_V1).respond(200, json=v1_token())
+    real = await running.client.get("/oauth/callback", params={"code": CODE, "state": state})
+    assert real.status_code == 200, real.text  # the wrong paste did not use up A's state
+    assert token.call_count == 1
+
+
+# -- 11. pasted URLs the parser refuses, and If-Match values int() refuses ---------------------------
+
+
+@pytest.mark.parametrize(
+    "pasted",
+    [
+        "http://[abc/?code=x",
+        "http://localhost/?code=x&" + "&".join(f"p{i}=v" for i in range(60)),
+        "?code=x&" + "&".join(f"p{i}=v" for i in range(60)),
+    ],
+    ids=["unclosed-bracket", "too-many-fields", "bare-query-too-many-fields"],
+)
+async def test_an_unparseable_pasted_url_is_422_on_code_and_changes_nothing(
+    pasted: str, running: Running, azure: respx.MockRouter
+) -> None:
+    """A pasted value urlsplit or parse_qs refuses is 422 on `code`; its pending state still works."""
+    account = await new_account(running, refresh_token=None)
+    state = await _authorize(running, account["id"])
+    before = await snapshot(running)
+    r = await running.client.post(
+        f"/accounts/{account['id']}/authorization-code", json={"code": pasted}, headers=admin()
+    )
+    problem = assert_problem(r, 422, "validation_error")
+    assert ["body", "code"] in [e["loc"] for e in problem["errors"]]
+    assert "code=x" not in r.text
+    assert not azure.calls
+    assert await snapshot(running) == before
+    token = azure.post(TOKEN_URL_V1).respond(200, json=v1_token())
+    real = await running.client.get("/oauth/callback", params={"code": CODE, "state": state})
+    assert real.status_code == 200, real.text
+    assert token.call_count == 1
+
+
+@pytest.mark.parametrize(
+    "if_match",
+    [
+        "²".encode("latin-1"),
+        '"²"'.encode("latin-1"),
+        "¹".encode("latin-1"),
+        '"-1"',
+        '"1e3"',
+        '" 3"',
+        "W/",
+        '""',
+    ],
+)
+async def test_an_if_match_that_is_no_version_is_422_and_changes_nothing(
+    if_match: str | bytes, running: Running
+) -> None:
+    """Only ASCII digits are a version: '²' passes str.isdigit() but not int(), and is no 500."""
+    account = await new_account(running)
+    before = await snapshot(running)
+    r = await running.client.patch(
+        f"/accounts/{account['id']}", json={"name": "renamed"}, headers={**admin(), "If-Match": if_match}
+    )
+    problem = assert_problem(r, 422, "validation_error")
+    assert ["header", "If-Match"] in [e["loc"] for e in problem["errors"]]
     assert await snapshot(running) == before

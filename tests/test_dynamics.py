@@ -140,3 +140,25 @@ async def test_disallowed_url_is_not_called(
     assert (result.reason, result.status) == ("forbidden_url", None)
     assert "api_url" in result.message
     assert not router.calls
+
+
+class _Unchecked(OutboundPolicy):
+    """Lets every URL through, as if the policy had missed one httpx cannot send."""
+
+    def check(self, url: str) -> str:
+        return url
+
+
+@pytest.mark.parametrize("api_url", ["https://xn--.crm.dynamics.com/api/data/v9.2", "https://a\u200db.x/api"])
+async def test_an_api_url_httpx_cannot_send_is_forbidden_url(
+    api_url: str, http: httpx.AsyncClient, router: respx.MockRouter
+) -> None:
+    """Defence in depth: IDNAError/InvalidURL at send time is a ConnectionProblem, never raised."""
+    result = await who_am_i(
+        http, _Unchecked(allowed_hosts=[]), api_url=api_url, access_token=TOKEN, timeout=5.0
+    )
+    assert isinstance(result, ConnectionProblem)
+    assert (result.reason, result.status) == ("forbidden_url", None)
+    assert "api_url" in result.message
+    assert TOKEN not in result.message
+    assert not router.calls

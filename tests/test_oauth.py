@@ -621,6 +621,18 @@ def test_parse_pasted_url_without_code() -> None:
 
 
 @pytest.mark.parametrize(
+    "pasted",
+    ["http://[abc/?code=x", "http://localhost/?code=x&" + "&".join(["p=v"] * 60), "code=x" + "&p=v" * 60],
+)
+def test_parse_pasted_refuses_what_the_url_parser_cannot_read(pasted: str) -> None:
+    """urlsplit's and parse_qs's ValueErrors become a 422 on `code`, never a foreign error."""
+    with pytest.raises(InvalidInput) as info:
+        parse_pasted(pasted)
+    assert [e["loc"] for e in info.value.errors] == [["body", "code"]]
+    assert "code=x" not in info.value.detail
+
+
+@pytest.mark.parametrize(
     ("uri", "ok"),
     [
         ("http://localhost", True),

@@ -28,7 +28,8 @@ def _parse_if_match(value: str | None) -> int | None:
         return None
     text = value.strip()
     text = text.removeprefix("W/").strip('"')
-    if not text.isdigit() or len(text) > 19:
+    # str.isdigit() also accepts '²' and other digits int() refuses: only ASCII ones are a version.
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise InvalidInput(
             'If-Match must be an ETag from GET /accounts/{id}, such as "3".',
             [{"loc": ["header", "If-Match"], "msg": "not an account ETag", "type": "etag"}],

@@ -36,7 +36,12 @@ class TokenOutcomes(Collector):
         self.counts: dict[str, int] = dict.fromkeys(TOKEN_OUTCOMES, 0)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("broker_token_requests", "Token requests by outcome", labels=["outcome"])
+        family = CounterMetricFamily(
+            "broker_token_requests",
+            "Token requests by outcome (hit, stale_served, error codes: one per request); loaded and "
+            "refreshed count how a missing token was obtained (one per refresh, whatever its waiters)",
+            labels=["outcome"],
+        )
         for outcome, count in self.counts.items():
             family.add_metric([outcome], count)
         yield family

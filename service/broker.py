@@ -21,7 +21,9 @@ Invariants:
 * A result is stored only for what the account still holds: if an admin changed its credentials
   while Azure answered, the result is dropped (their values win).
 * At most ``REFRESH_SLOTS`` refreshes hold a database connection at once, so a slow Azure cannot
-  take the whole pool from readiness probes, the sync and the admin API.
+  take the whole pool from readiness probes, the sync and the admin API; background refreshes
+  take at most ``BACKGROUND_SLOTS`` of them, so callers with no usable token are not queued
+  behind refreshes of tokens still being served.
 * A caller waits at most ``max_wait_seconds`` in all; a ``min_ttl`` above what the cached token
   has forces at most one refresh per ``forced_refresh_interval_seconds`` per account.
 """
@@ -29,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -64,8 +67,11 @@ from .token_response import CachedToken
 
 log = logging.getLogger("service.broker")
 
-# Refreshes that may hold a database connection at once: half the pool (service/db.py).
+# Refreshes that may hold a database connection at once: half the pool (service/db.py); of
+# them, background refreshes (of tokens still being served) may take this many, so a caller
+# with no usable token always finds a slot.
 REFRESH_SLOTS = POOL_SIZE // 2
+BACKGROUND_SLOTS = REFRESH_SLOTS - 2
 
 # What Azure is asked with: the grant type, the credentials and the refresh token.
 Asked = tuple[str, ClientCredentials, str]
@@ -84,6 +90,10 @@ class _Hold:
         error = self.error
         if isinstance(error, ActionRequired):
             raise type(error)(error.detail, idp_code=error.idp_code, idp_message=error.idp_message)
+        if isinstance(error, UpstreamUnavailable):
+            raise UpstreamUnavailable(
+                error.detail, retry_after=self.until - now, reason=error.reason, idp_code=error.idp_code
+            )
         raise type(error)(error.detail, retry_after=self.until - now, reason=error.reason)
 
 
@@ -113,6 +123,7 @@ class TokenBroker:
         self._forced: dict[str, float] = {}  # account id -> when a min_ttl last forced a refresh
         self._forced_every = settings.forced_refresh_interval_seconds
         self._slots = asyncio.Semaphore(REFRESH_SLOTS)
+        self._refreshing = 0  # refreshes holding a slot
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._min_ttl = float(settings.min_token_ttl_seconds)
@@ -163,12 +174,15 @@ class TokenBroker:
             return entry
         now = self.clock()
         cached = self.cache.get(account_id)
-        if cached is not None and cached.expires_at - now >= self._min_ttl:
-            # Only the caller's min_ttl asks for a refresh.
-            if now - self._forced.get(account_id, -math.inf) < self._forced_every:
-                self._metrics.tokens["hit"] += 1
-                return cached
-            self._forced[account_id] = now
+        forced = cached is not None and cached.expires_at - now >= self._min_ttl  # by min_ttl alone
+        if (
+            cached is not None
+            and forced
+            and account_id not in self._inflight  # a refresh on its way is worth waiting for
+            and now - self._forced.get(account_id, -math.inf) < self._forced_every
+        ):
+            self._metrics.tokens["hit"] += 1
+            return cached
         try:
             async with asyncio.timeout(self._settings.max_wait_seconds):
                 entry = await self._wait(account_id, need)
@@ -180,6 +194,8 @@ class TokenBroker:
                     entry = await self._wait(account_id, need)
         except TimeoutError:
             raise self.too_slow() from None
+        if forced:
+            self._forced[account_id] = self.clock()  # only a refresh that succeeded counts
         return entry
 
     @staticmethod
@@ -221,7 +237,7 @@ class TokenBroker:
         if self._closed or account_id in self._inflight or self._held(account_id) is not None:
             return
         margin = float(self._settings.refresh_margin_seconds)
-        self._start(account_id, self._obtain(account_id, margin))
+        self._start(account_id, self._obtain(account_id, margin, background=True))
 
     async def keepalive(self, account_id: str, *, refreshed_before: datetime) -> None:
         """Refresh an idle account so its refresh token does not expire from disuse."""
@@ -230,7 +246,7 @@ class TokenBroker:
         task = self._start(account_id, self._refresh_in_slot(account_id, math.inf, None, refreshed_before))
         await asyncio.shield(task)
 
-    async def _obtain(self, account_id: str, need: float) -> CachedToken:
+    async def _obtain(self, account_id: str, need: float, *, background: bool = False) -> CachedToken:
         hold = self._held(account_id)
         if hold is not None:
             hold.raise_again(self.clock())
@@ -245,13 +261,22 @@ class TokenBroker:
             self._metrics.tokens["loaded"] += 1
             return entry
         seen = entry.obtained_at if entry is not None else None
+        current = self.cache.get(account_id)
+        if background and current is not None and self._refreshing >= BACKGROUND_SLOTS:
+            # Callers without a usable token come first; the next stale hit tries again. No await
+            # between this check and taking the slot below: the count cannot change meanwhile.
+            return current
         return await self._refresh_in_slot(account_id, need, seen, None)
 
     async def _refresh_in_slot(
         self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
     ) -> CachedToken:
         async with self._slots:
-            return await self._refresh_locked(account_id, need, seen, refreshed_before)
+            self._refreshing += 1
+            try:
+                return await self._refresh_locked(account_id, need, seen, refreshed_before)
+            finally:
+                self._refreshing -= 1
 
     async def _refresh_locked(
         self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
@@ -382,7 +407,7 @@ class TokenBroker:
         if row is None:
             self.forget(account.id)
             raise AccountNotFound(account.id)
-        if self._asked_with(*row) == asked:
+        if _grant_inputs(self._asked_with(*row)) == _grant_inputs(asked):
             return row  # a name or the default flag changed: the result still belongs here
         if grant is not None and grant.refresh_token:
             self._metrics.refresh_token_unsaved.inc()
@@ -404,6 +429,7 @@ class TokenBroker:
                     "The account has no refresh token yet: authorize it "
                     f"(POST /accounts/{account.id}/authorize) or paste a code."
                 ),
+                asked,  # on SQLite an authorization may have landed since the read
             )
         started = time.perf_counter()
         result = "ok"
@@ -613,3 +639,10 @@ class TokenBroker:
 def _is_lock_timeout(exc: DBAPIError) -> bool:
     code = getattr(exc.orig, "args", [None])[0]
     return code in (1205, 3572) or "locked" in str(exc.orig).lower()
+
+
+def _grant_inputs(asked: Asked) -> Asked:
+    """What a refresh's result depends on: the authorize URL plays no part, so changing it does
+    not void a result."""
+    grant_type, creds, refresh_token = asked
+    return grant_type, dataclasses.replace(creds, authorization_url=""), refresh_token

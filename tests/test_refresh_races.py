@@ -11,7 +11,7 @@ import httpx
 import respx
 from sqlalchemy import event
 
-from service.broker import REFRESH_SLOTS
+from service.broker import BACKGROUND_SLOTS, REFRESH_SLOTS
 from service.errors import UpstreamUnavailable
 
 from .conftest import CLIENT_SECRET, TOKEN_URL_V1, account_body, admin, client, v1_token
@@ -201,3 +201,76 @@ async def test_default_missing_or_out_of_scope_costs_the_same_lookups(
     await create(running, default_account=True)  # a default outside the key's scope
     running.ctx.broker.default_account_id = None  # the fast path must not decide this one
     assert await lookups() == missing
+
+
+async def test_background_refreshes_leave_slots_to_callers_without_a_token(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """Stale tokens being refreshed in the background (Azure slow) take at most BACKGROUND_SLOTS:
+    a caller with no token at all still gets a slot and its token at once."""
+    release, hold, held = asyncio.Event(), False, 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal held
+        if form(request)["refresh_token"] == "rt-for-the-caller":
+            return httpx.Response(200, json=v1_token("for-the-caller", None))
+        if hold:
+            held += 1
+            await release.wait()
+        return httpx.Response(200, json=v1_token("stale", None, expires_in=200))  # inside the margin
+
+    azure.post(TOKEN_URL_V1).mock(side_effect=answer)
+    stale = [await create(running) for _ in range(REFRESH_SLOTS)]
+    for account_id in stale:
+        assert (
+            await running.client.get(f"/accounts/{account_id}/token", headers=client())
+        ).status_code == 200
+    hold = True
+    broker = running.ctx.broker
+    for account_id in stale:  # stale hits: each may start a background refresh
+        r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
+        assert r.json()["access_token"] == "stale"
+
+    async def settled() -> None:  # each refresh is waiting at Azure or has given its slot up
+        while held < BACKGROUND_SLOTS or len(broker._inflight) != held:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(settled(), timeout=10)
+    assert held == BACKGROUND_SLOTS
+    other = await create(running, refresh_token="rt-for-the-caller")
+    r = await asyncio.wait_for(running.client.get(f"/accounts/{other}/token", headers=client()), timeout=10)
+    assert r.json()["access_token"] == "for-the-caller"
+    release.set()
+
+
+async def test_min_ttl_callers_join_the_forced_refresh_and_get_no_less_after_it_failed(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """Two callers asking ?min_ttl=600 of a token with 500 s left share one refresh; when a forced
+    refresh fails, the next such caller is not handed the token that is too short for it."""
+    route = azure.post(TOKEN_URL_V1)
+    route.side_effect = [httpx.Response(200, json=v1_token("short", "rt-2", expires_in=500))]
+    account_id = await create(running)
+    assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
+    held = Held(httpx.Response(200, json=v1_token("long", "rt-3")))
+    route.side_effect = held
+    url = f"/accounts/{account_id}/token?min_ttl=600"
+    first = asyncio.create_task(running.client.get(url, headers=client()))
+    await held.until_arrived()
+    second = asyncio.create_task(running.client.get(url, headers=client()))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    held.release.set()
+    assert [(await t).json()["access_token"] for t in (first, second)] == ["long", "long"]
+    assert held.arrived == 1
+
+    failing = await create(running)
+    route.side_effect = [
+        httpx.Response(200, json=v1_token("short", "rt-4", expires_in=500)),
+        httpx.Response(503, json={"error": "temporarily_unavailable"}),
+        httpx.Response(503, json={"error": "temporarily_unavailable"}),
+    ]
+    assert (await running.client.get(f"/accounts/{failing}/token", headers=client())).status_code == 200
+    url = f"/accounts/{failing}/token?min_ttl=600"
+    assert (await running.client.get(url, headers=client())).status_code == 503
+    assert (await running.client.get(url, headers=client())).status_code == 503

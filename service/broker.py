@@ -401,20 +401,28 @@ class TokenBroker:
         On MySQL only another account's default change can move VERSION meanwhile (a PATCH waits
         for the token row lock); on SQLite, where Azure is called outside a transaction, any
         change can. The seed row stays locked until the result is committed."""
-        if await repo.lock_account_version(session, account.id) == (account.version or 0):
-            return account, state
-        row = await repo.get_account(session, account.id)
-        if row is None:
-            self.forget(account.id)
-            raise AccountNotFound(account.id)
-        if _grant_inputs(self._asked_with(*row)) == _grant_inputs(asked):
-            return row  # a name or the default flag changed: the result still belongs here
+        row, changed = await self._lock_seed_row(session, account, state)
+        if not changed or _grant_inputs(self._asked_with(*row)) == _grant_inputs(asked):
+            return row  # unchanged, or only a name or the default flag: the result belongs here
         if grant is not None and grant.refresh_token:
             self._metrics.refresh_token_unsaved.inc()
         log.warning("refresh result dropped: the account changed", extra={"account_id": account.id})
         raise UpstreamUnavailable(
             "The account changed while Azure AD answered; try again.", retry_after=1, reason="conflict"
         )
+
+    async def _lock_seed_row(
+        self, session: AsyncSession, account: Account, state: AccountState
+    ) -> tuple[tuple[Account, AccountState], bool]:
+        """Lock the account's seed row (after its token row, the order every writer takes them);
+        the rows as they are now, and whether VERSION moved since ``account`` was read."""
+        if await repo.lock_account_version(session, account.id) == (account.version or 0):
+            return (account, state), False
+        row = await repo.get_account(session, account.id)
+        if row is None:
+            self.forget(account.id)
+            raise AccountNotFound(account.id)
+        return row, True
 
     async def _call_azure(
         self, session: AsyncSession, account: Account, state: AccountState, asked: Asked
@@ -507,12 +515,7 @@ class TokenBroker:
             row = await repo.lock_account_state(session, account_id)
             if row is None:
                 raise AccountNotFound(account_id)
-            account, state = row
-            if await repo.lock_account_version(session, account_id) != (account.version or 0):
-                row = await repo.get_account(session, account_id)  # changed before the lock: read again
-                if row is None:
-                    raise AccountNotFound(account_id)
-                account, state = row
+            (account, state), _ = await self._lock_seed_row(session, *row)
             # A new authorization supersedes any earlier failure or backoff.
             await repo.update_state(session, account_id, {"next_attempt_at": None, "failures": 0})
             version = await outcome.record_grant(session, self._keyring, account, state, grant)

@@ -7,6 +7,7 @@ with the reason on a laptop, and fail under ``CI=true``: CI must never silently 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -155,6 +157,22 @@ class Running:
     @property
     def ctx(self) -> Any:
         return self.app.state.ctx
+
+
+@contextlib.contextmanager
+def sql_statements(running: Running) -> Iterator[list[str]]:
+    """The SQL statements the app runs inside the block, in order."""
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    engine = running.ctx.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
 
 
 @pytest.fixture

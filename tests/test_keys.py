@@ -19,7 +19,7 @@ import respx
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import MetaData, event, select
+from sqlalchemy import MetaData, select
 
 from service import background, migrate
 from service.keys import load_principals
@@ -34,6 +34,7 @@ from .conftest import (
     admin,
     client,
     make_settings,
+    sql_statements,
     v1_token,
 )
 
@@ -736,15 +737,7 @@ async def test_scoped_key_cache_hit_does_no_database_io(running: Running, idp: r
     mine = await new_account(running)
     key = await new_key(running, [mine])
     assert (await token(running, key["key"], mine)).status_code == 200
-    statements: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(running.ctx.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with sql_statements(running) as statements:
         for _ in range(50):
             assert fast_path(await token(running, key["key"], mine))
-    finally:
-        event.remove(running.ctx.engine.sync_engine, "before_cursor_execute", count)
     assert statements == []

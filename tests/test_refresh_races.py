@@ -9,12 +9,19 @@ from typing import Any
 
 import httpx
 import respx
-from sqlalchemy import event
 
 from service.broker import BACKGROUND_SLOTS, REFRESH_SLOTS
 from service.errors import UpstreamUnavailable
 
-from .conftest import CLIENT_SECRET, TOKEN_URL_V1, account_body, admin, client, v1_token
+from .conftest import (
+    CLIENT_SECRET,
+    TOKEN_URL_V1,
+    account_body,
+    admin,
+    client,
+    sql_statements,
+    v1_token,
+)
 from .test_tokens import Held, create, form, stored_refresh_token
 
 
@@ -119,21 +126,13 @@ async def test_a_refused_account_is_not_asked_about_again_on_every_request(
         await asyncio.sleep(0.01)
     got = (await running.client.get(f"/accounts/{account_id}", headers=admin())).json()
     assert got["status"] == "needs_authorization"
-    statements: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(running.ctx.engine.sync_engine, "before_cursor_execute", count)
-    try:
+    with sql_statements(running) as statements:
         for _ in range(30):
             r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
             assert r.json()["access_token"] == "short"
             await asyncio.sleep(0)
         while broker._inflight:
             await asyncio.sleep(0.01)
-    finally:
-        event.remove(running.ctx.engine.sync_engine, "before_cursor_execute", count)
     assert statements == []
     assert route.call_count == 2
     # A new refresh token (the account changes) lifts the hold at once.
@@ -182,18 +181,10 @@ async def test_default_missing_or_out_of_scope_costs_the_same_lookups(
     ).json()["key"]
 
     async def lookups() -> int:
-        statements: list[str] = []
-
-        def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-            statements.append(statement)
-
-        event.listen(running.ctx.engine.sync_engine, "before_cursor_execute", count)
-        try:
+        with sql_statements(running) as statements:
             r = await running.client.get(
                 "/accounts/default/token", headers={"Authorization": f"Bearer {key}"}
             )
-        finally:
-            event.remove(running.ctx.engine.sync_engine, "before_cursor_execute", count)
         assert r.status_code == 404
         return len(statements)
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import httpx
 
+from service.kit import timeutil
+
 from .bare import LOOP_LINE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -252,13 +254,12 @@ def seed_accounts(database_url: str, encryption_key: str, count: int, token_leng
     from sqlalchemy import insert
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    from service import repository as repo
-    from service import sealing
-    from service.crypto import Keyring
+    from service.kit import sealing
+    from service.kit.crypto import Keyring
     from service.models import Account, AccountState
 
     keyring = Keyring.from_strings([encryption_key])
-    now, expires = repo.utcnow(), repo.from_epoch(time.time() + 3599)
+    now, expires = timeutil.utcnow(), timeutil.from_epoch(time.time() + 3599)
     tenant, base = str(uuid.uuid4()), "https://login.microsoftonline.com"
     accounts, states, ids = [], [], []
     for n in range(count):
@@ -677,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"server on CPU {cpus[1]}, wrk on CPU {cpus[0]}" if can_pin else "no CPU pinning")
     )
 
-    from service.crypto import generate_key
+    from service.kit.crypto import generate_key
 
     key = generate_key()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmpdir:

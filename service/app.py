@@ -15,20 +15,26 @@ import httpx
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from . import background, bootstrap, webhooks
-from .accounts import AccountService
-from .api import accounts, health, keys, oauth, problems, tokens
-from .api.fastpath import TokenFastPath
-from .api.middleware import AccessLog, BodyLimit, RequireKey
-from .auth import KeyStore
-from .azure_ad import AzureADClient
-from .broker import TokenBroker
-from .context import Context
-from .db import create_engine, create_sessionmaker
-from .keys import KeyService
-from .metrics import Metrics
-from .outbound import OutboundPolicy
-from .settings import Settings
+from service import background, bootstrap
+from service.accounts import endpoints as accounts
+from service.accounts.service import AccountService
+from service.api import problems
+from service.api.middleware import AccessLog, BodyLimit, RequireKey
+from service.authorization import endpoints as oauth
+from service.context import Context
+from service.health import endpoints as health
+from service.idp.azure_ad import AzureADClient
+from service.keys import endpoints as keys
+from service.keys.service import KeyService
+from service.keys.store import KeyStore
+from service.kit.db import create_engine, create_sessionmaker
+from service.kit.outbound import OutboundPolicy
+from service.metrics import Metrics
+from service.settings import Settings
+from service.tokens import endpoints as tokens
+from service.tokens.broker import TokenBroker
+from service.tokens.fastpath import TokenFastPath
+from service.webhooks import service as webhooks
 
 log = logging.getLogger("service.app")
 

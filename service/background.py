@@ -19,10 +19,12 @@ import random
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from . import repository as repo
-from .context import Context
-from .errors import BrokerError
-from .keys import load_principals
+from service.accounts import repository as accounts_repo
+from service.context import Context
+from service.errors import BrokerError
+from service.keys import repository as keys_repo
+from service.keys.service import load_principals
+from service.kit import timeutil
 
 log = logging.getLogger("service.background")
 
@@ -36,9 +38,9 @@ FLUSH_TIMEOUT_SECONDS = 3.0
 async def sync_once(ctx: Context) -> None:
     mark = ctx.keystore.mark()
     async with ctx.sessions() as session:
-        versions = await repo.account_versions(session)
+        versions = await accounts_repo.account_versions(session)
         principals = await load_principals(session)
-        counts = await repo.status_counts(session)
+        counts = await accounts_repo.status_counts(session)
     ctx.broker.apply_versions(versions)
     ctx.keystore.replace_managed(principals, since=mark)
     for status in ("ready", "needs_authorization", "invalid_credentials", "failing"):
@@ -55,11 +57,11 @@ async def write_key_usage(ctx: Context, *, every: float | None = None) -> None:
         return
     try:
         async with ctx.sessions() as session, session.begin():
-            touched = {u.key_id: repo.from_epoch(u.last_used) for u in usage if u.key_id is not None}
+            touched = {u.key_id: timeutil.from_epoch(u.last_used) for u in usage if u.key_id is not None}
             if touched:
-                await repo.touch_keys(session, touched)
+                await keys_repo.touch_keys(session, touched)
             for u in usage:
-                await repo.add_event(
+                await accounts_repo.add_event(
                     session,
                     account_id=None,
                     kind="tokens_fetched",
@@ -67,7 +69,7 @@ async def write_key_usage(ctx: Context, *, every: float | None = None) -> None:
                     detail={
                         "key_id": u.key_id,
                         "requests": u.count,
-                        "last_used_at": repo.from_epoch(u.last_used).isoformat() + "Z",
+                        "last_used_at": timeutil.from_epoch(u.last_used).isoformat() + "Z",
                     },
                 )
     except BaseException:
@@ -84,9 +86,9 @@ async def flush_key_usage(ctx: Context) -> None:
 
 
 async def keepalive_once(ctx: Context) -> int:
-    older_than = repo.utcnow() - timedelta(seconds=ctx.settings.keepalive_interval_seconds)
+    older_than = timeutil.utcnow() - timedelta(seconds=ctx.settings.keepalive_interval_seconds)
     async with ctx.sessions() as session:
-        stale = await repo.stale_authorization_code_accounts(session, older_than=older_than)
+        stale = await accounts_repo.stale_authorization_code_accounts(session, older_than=older_than)
     done = 0
     for account_id in stale:
         try:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import repository as repo
-from . import sealing
-from .auth import new_key
-from .crypto import DecryptionError, Keyring, generate_key
-from .errors import ConfigurationError
-from .migrate import current_revision, head_revision
-from .settings import Settings
+from service.errors import ConfigurationError
+from service.keys.store import new_key
+from service.kit import sealing
+from service.kit.crypto import DecryptionError, Keyring, generate_key
+from service.migrate import current_revision, head_revision
+from service.rotation import repository as rotation_repo
+from service.settings import Settings
 
 log = logging.getLogger("service.bootstrap")
 
@@ -90,7 +90,7 @@ async def check_schema(engine: AsyncEngine) -> None:
 async def check_keys(sessions: async_sessionmaker[AsyncSession], keyring: Keyring) -> None:
     """Decrypt a sample of stored secrets, at least one per key id, or refuse to start."""
     async with sessions() as session:
-        samples = await repo.sample_ciphertexts(session)
+        samples = await rotation_repo.sample_ciphertexts(session)
     tried: set[str] = set()
     for column, row_id, stored in samples:
         key_id = Keyring.key_id_of(stored) or "unknown"

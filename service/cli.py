@@ -18,10 +18,10 @@ from collections.abc import Iterator, Sequence
 import uvicorn
 from pydantic import ValidationError
 
-from . import logconfig
-from .crypto import generate_key
-from .errors import ConfigurationError
-from .settings import Settings
+from service import logconfig
+from service.errors import ConfigurationError
+from service.kit.crypto import generate_key
+from service.settings import Settings
 
 log = logging.getLogger("service.cli")
 
@@ -56,8 +56,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 async def _preflight(settings: Settings) -> None:
     """Every start-up refusal, before uvicorn runs: a ``ConfigurationError`` becomes one plain line
     and exit status 2 in ``main`` (inside the lifespan uvicorn would print a traceback, exit 3)."""
-    from . import bootstrap, webhooks
-    from .db import create_engine, create_sessionmaker
+    from service import bootstrap
+    from service.kit.db import create_engine, create_sessionmaker
+    from service.webhooks import service as webhooks
 
     webhooks.check_url(settings)
     keyring = bootstrap.load_keyring(settings)
@@ -71,7 +72,7 @@ async def _preflight(settings: Settings) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .app import create_asgi
+    from service.app import create_asgi
 
     settings = _settings(args)
     logconfig.configure(settings.log_level)
@@ -99,11 +100,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def migrate(args: argparse.Namespace) -> int:
-    from . import migrate as migrations
+    from service import migrate as migrations
 
     settings = Settings()
     logconfig.configure(settings.log_level)
-    from .db import sqlite_path
+    from service.kit.db import sqlite_path
 
     path = sqlite_path(settings.database_url)
     if path is not None:
@@ -114,9 +115,9 @@ def migrate(args: argparse.Namespace) -> int:
 
 
 def rotate_keys(_args: argparse.Namespace) -> int:
-    from .bootstrap import check_schema, load_keyring
-    from .db import create_engine, create_sessionmaker
-    from .rotation import rotate_all
+    from service.bootstrap import check_schema, load_keyring
+    from service.kit.db import create_engine, create_sessionmaker
+    from service.rotation.service import rotate_all
 
     settings = Settings()
     logconfig.configure(settings.log_level)

@@ -7,15 +7,15 @@ from dataclasses import dataclass, field
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from .accounts import AccountService
-from .auth import KeyStore
-from .azure_ad import AzureADClient
-from .broker import TokenBroker
-from .crypto import Keyring
-from .keys import KeyService
-from .metrics import Metrics
-from .outbound import OutboundPolicy
-from .settings import Settings
+from service.accounts.service import AccountService
+from service.idp.azure_ad import AzureADClient
+from service.keys.service import KeyService
+from service.keys.store import KeyStore
+from service.kit.crypto import Keyring
+from service.kit.outbound import OutboundPolicy
+from service.metrics import Metrics
+from service.settings import Settings
+from service.tokens.broker import TokenBroker
 
 
 @dataclass

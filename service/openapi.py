@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from .app import create_app
-from .settings import Settings
+from service.app import create_app
+from service.settings import Settings
 
 
 def document() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import migrate
 from service.app import create_app, wrap
-from service.crypto import generate_key
+from service.kit.crypto import generate_key
 from service.settings import Settings
 
 ADMIN_KEY = "test-admin-key-0123456789abcdef"

@@ -31,6 +31,8 @@ from typing import Any
 
 import httpx
 
+from service.accounts import repository as accounts_repo
+
 from .fake_idp import FakeIdpHandle, account_body, running_fake_idp
 from .replicas import ReplicaSet, broker_env, free_port, migrate
 
@@ -296,7 +298,7 @@ def fault_env(database_url: str, tmp_path: Path, **overrides: str) -> tuple[dict
 
 
 def _generate_key() -> str:
-    from service.crypto import generate_key
+    from service.kit.crypto import generate_key
 
     return generate_key()
 
@@ -518,10 +520,9 @@ async def lost_refresh_tokens(
     """
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from service import repository as repo
-    from service import sealing
-    from service.crypto import Keyring
-    from service.db import create_sessionmaker
+    from service.kit import sealing
+    from service.kit.crypto import Keyring
+    from service.kit.db import create_sessionmaker
 
     keyring = Keyring.from_strings([k for k in encryption_keys.split(",") if k])
     engine = create_async_engine(database_url)
@@ -529,7 +530,7 @@ async def lost_refresh_tokens(
     try:
         async with create_sessionmaker(engine)() as session:
             for account in broker.accounts:
-                row = await repo.get_account(session, account)
+                row = await accounts_repo.get_account(session, account)
                 assert row is not None, account
                 stored = sealing.unseal(keyring, sealing.REFRESH_TOKEN, account, row[0].refresh_token)
                 valid = stats["valid_refresh_tokens"].get(broker.client_of[account], [])

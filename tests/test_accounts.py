@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from service import sealing
+from service.kit import sealing
 from service.models import Account
 
 from .conftest import CLIENT_SECRET, REFRESH_TOKEN, account_body, admin, client

@@ -15,7 +15,7 @@ import pytest
 import respx
 
 from service import errors
-from service.azure_ad import (
+from service.idp.azure_ad import (
     AzureADClient,
     ClientCredentials,
     TokenGrant,
@@ -23,7 +23,7 @@ from service.azure_ad import (
     resource_of,
     sanitize_description,
 )
-from service.outbound import OutboundPolicy
+from service.kit.outbound import OutboundPolicy
 
 NOW = 1_700_000_000.0
 TENANT = "7f3b7d01-a049-4dfd-9dbd-d394e711c3a0"

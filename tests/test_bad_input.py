@@ -34,10 +34,10 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 from sqlalchemy import select
 
 from service import migrate
-from service.api.fastpath import TokenFastPath
 from service.app import create_asgi
+from service.kit.outbound import OutboundPolicy
 from service.models import Account
-from service.outbound import OutboundPolicy
+from service.tokens.fastpath import TokenFastPath
 
 from .conftest import (
     ADMIN_KEY,

@@ -10,15 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.crypto import (
-    DecryptionError,
-    Keyring,
-    KeyringError,
-    UnknownKeyError,
-    generate_key,
-    key_id,
-)
 from service.errors import ConfigurationError
+from service.kit.crypto import DecryptionError, Keyring, KeyringError, UnknownKeyError, generate_key, key_id
 
 CONTEXT = "ms_dynamics_365_data.CLIENT_SECRET:42"
 SECRET = "s3cr3t-client-secret~value"

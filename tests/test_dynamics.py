@@ -8,8 +8,8 @@ import httpx
 import pytest
 import respx
 
-from service.dynamics import ConnectionProblem, WhoAmI, who_am_i
-from service.outbound import OutboundPolicy
+from service.idp.dynamics import ConnectionProblem, WhoAmI, who_am_i
+from service.kit.outbound import OutboundPolicy
 
 API_URL = "https://org.crm.dynamics.com/api/data/v9.2"
 WHOAMI = f"{API_URL}/WhoAmI"

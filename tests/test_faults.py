@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service.crypto import Keyring, generate_key
+from service.kit.crypto import Keyring, generate_key
 from service.models import Account, AccountState, Event
 
 from .conftest import require

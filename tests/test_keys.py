@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from sqlalchemy import MetaData, select
 
 from service import background, migrate
-from service.keys import load_principals
+from service.keys.service import load_principals
 from service.models import ApiKey, Event
 
 from .conftest import (

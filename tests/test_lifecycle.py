@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from service.crypto import generate_key
+from service.kit.crypto import generate_key
 
 from .fake_idp import account_body, running_fake_idp
 from .replicas import REPO_ROOT, broker_env, free_port, migrate

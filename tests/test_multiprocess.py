@@ -28,10 +28,10 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from service import repository as repo
-from service import sealing
-from service.crypto import Keyring, generate_key
-from service.db import create_sessionmaker
+from service.accounts import repository as accounts_repo
+from service.kit import sealing
+from service.kit.crypto import Keyring, generate_key
+from service.kit.db import create_sessionmaker
 
 from .fake_idp import account_body, running_fake_idp
 from .replicas import ReplicaSet, broker_env, migrate
@@ -200,7 +200,7 @@ async def stored_refresh_tokens(
         async with create_sessionmaker(engine)() as session:
             found: dict[str, str] = {}
             for account_id in account_ids:
-                row = await repo.get_account(session, account_id)
+                row = await accounts_repo.get_account(session, account_id)
                 assert row is not None
                 token = sealing.unseal(keyring, sealing.REFRESH_TOKEN, account_id, row[0].refresh_token)
                 found[account_id] = token or ""

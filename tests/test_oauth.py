@@ -20,10 +20,11 @@ import pytest
 import respx
 from sqlalchemy import update
 
-from service import repository as repo
-from service.api.oauth import _prefers_json
-from service.authorization import parse_pasted, redirect_uri_problem, s256
+from service.authorization import repository as pending_repo
+from service.authorization.endpoints import _prefers_json
+from service.authorization.service import parse_pasted, redirect_uri_problem, s256
 from service.errors import InvalidInput
+from service.kit import timeutil
 from service.models import PendingAuthorization
 
 from .conftest import (
@@ -271,14 +272,15 @@ async def test_expired_state_is_refused_and_consumed(running: Any, azure: respx.
     started = await authorize(running, created["id"])
     async with running.ctx.sessions() as session, session.begin():
         await session.execute(
-            update(PendingAuthorization).values(expires_at=repo.utcnow() - timedelta(seconds=1))
+            update(PendingAuthorization).values(expires_at=timeutil.utcnow() - timedelta(seconds=1))
         )
     r = await running.client.get(
         "/oauth/callback", params={"code": CODE, "state": started["state"]}, headers=JSON
     )
     assert (r.status_code, r.json()["code"]) == (400, "invalid_state")
     async with running.ctx.sessions() as session:
-        assert await repo.take_pending(session, hashlib.sha256(started["state"].encode()).hexdigest()) is None
+        state_hash = hashlib.sha256(started["state"].encode()).hexdigest()
+        assert await pending_repo.take_pending(session, state_hash) is None
     assert not azure.calls
     assert (await account(running, created["id"]))["status"] == "needs_authorization"
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import respx
 
-from service.outbound import OutboundPolicy, OutboundURLError
+from service.kit.outbound import OutboundPolicy, OutboundURLError
+from service.kit.transport import UnsendableURL, send
 from service.settings import DEFAULT_ALLOWED_HOSTS, split_list
-from service.transport import UnsendableURL, send
 
 POLICY = OutboundPolicy(split_list(DEFAULT_ALLOWED_HOSTS))
 UNSENDABLE = [

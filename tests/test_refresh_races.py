@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 import respx
 
-from service.broker import BACKGROUND_SLOTS, REFRESH_SLOTS
 from service.errors import UpstreamUnavailable
+from service.tokens.broker import BACKGROUND_SLOTS, REFRESH_SLOTS
 
 from .conftest import (
     CLIENT_SECRET,

@@ -13,13 +13,15 @@ import pytest
 import respx
 from sqlalchemy import select
 
-from service import migrate, sealing
-from service import repository as repo
-from service.crypto import Keyring, generate_key
-from service.db import create_engine, create_sessionmaker
+from service import migrate
+from service.accounts import repository as accounts_repo
 from service.errors import ConfigurationError
+from service.kit import sealing, timeutil
+from service.kit.crypto import Keyring, generate_key
+from service.kit.db import create_engine, create_sessionmaker
 from service.models import Account, AccountState
-from service.rotation import rotate_all
+from service.rotation import repository as rotation_repo
+from service.rotation.service import rotate_all
 
 from .conftest import TOKEN_URL_V1, account_body, admin, client, make_settings, v1_token
 
@@ -98,7 +100,7 @@ async def test_an_account_created_inside_a_batch_pushes_none_out(
             ).status_code == 201
     settings_both = make_settings(database_url, tmp_path, encryption_keys=f"{new},{old}")
     keyring = Keyring.from_strings([new, old])
-    lock = repo.lock_account_states
+    lock = rotation_repo.lock_account_states
     created: list[str] = []
 
     async def lock_then_someone_creates(session: Any, account_ids: list[str]) -> None:
@@ -119,12 +121,12 @@ async def test_an_account_created_inside_a_batch_pushes_none_out(
                 token_url="https://login.microsoftonline.com/t/oauth2/token",
                 api_url="https://org.crm.dynamics.com/api/data/v9.2",
             )
-            now = repo.utcnow()
+            now = timeutil.utcnow()
             state = AccountState(account_id=account_id, created_at=now, updated_at=now)
-            await repo.insert_account(session, account, state)
+            await accounts_repo.insert_account(session, account, state)
             created.append(account_id)
 
-    monkeypatch.setattr(repo, "lock_account_states", lock_then_someone_creates)
+    monkeypatch.setattr(rotation_repo, "lock_account_states", lock_then_someone_creates)
     engine = create_engine(settings_both)
     try:
         report = await rotate_all(create_sessionmaker(engine), keyring, batch=2)

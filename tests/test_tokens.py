@@ -12,7 +12,8 @@ import httpx
 import pytest
 import respx
 
-from service import sealing
+from service.accounts import repository as accounts_repo
+from service.kit import sealing, timeutil
 from service.models import Account
 
 from .conftest import (
@@ -443,7 +444,6 @@ async def test_keepalive_refreshes_idle_accounts_once(
     """An account idle past the keepalive interval is refreshed once, even with two replicas at it."""
     from datetime import timedelta
 
-    from service import repository as repo
     from service.background import keepalive_once
 
     route = azure.post(TOKEN_URL_V1)
@@ -457,8 +457,8 @@ async def test_keepalive_refreshes_idle_accounts_once(
         assert (await one.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
         assert await keepalive_once(one.ctx) == 0  # refreshed just now: nothing to do
         async with one.ctx.sessions() as session:
-            old = repo.utcnow() - timedelta(days=2)
-            await repo.update_state(session, account_id, {"last_refreshed_at": old})
+            old = timeutil.utcnow() - timedelta(days=2)
+            await accounts_repo.update_state(session, account_id, {"last_refreshed_at": old})
             await session.commit()
         # Two replicas at once on MySQL (the row lock decides); SQLite serves one process only.
         replicas = [one.ctx] if settings.is_sqlite else [one.ctx, two.ctx]
@@ -475,15 +475,13 @@ async def test_database_failing_after_azure_answered_serves_and_counts_the_loss(
     """If the result cannot be stored, the valid access token is still served and the loss counted."""
     from sqlalchemy.exc import OperationalError
 
-    from service import repository
-
     azure.post(TOKEN_URL_V1).respond(200, json=v1_token("unsaved", "rt-rotated"))
     account_id = await create(running)
 
     async def broken(*_args: Any, **_kwargs: Any) -> None:
         raise OperationalError("UPDATE broker_account_state", {}, Exception("server has gone away"))
 
-    monkeypatch.setattr(repository, "update_state", broken)
+    monkeypatch.setattr(accounts_repo, "update_state", broken)
     r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
     monkeypatch.undo()
     assert r.status_code == 200

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import respx
 
-from service.transport import send
+from service.kit.transport import send
 
 URL = "https://org.crm.dynamics.com/api/data/v9.2/WhoAmI"
 

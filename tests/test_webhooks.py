@@ -24,13 +24,14 @@ import respx
 from sqlalchemy import func, select
 
 from service import migrate
-from service import repository as repo
-from service.db import create_engine, create_sessionmaker
+from service.accounts import repository as accounts_repo
 from service.errors import ConfigurationError
+from service.kit import timeutil
+from service.kit.db import create_engine, create_sessionmaker
 from service.metrics import Metrics
 from service.models import Event, Lease
 from service.settings import Settings
-from service.webhooks import CURSOR, LEASE, Notifier, check_url, lease_ttl
+from service.webhooks.service import CURSOR, LEASE, Notifier, check_url, lease_ttl
 
 from .conftest import (
     CLIENT_SECRET,
@@ -317,9 +318,9 @@ async def test_stopping_hands_the_lease_on(
         await drained(hook_settings)
         holder, expires = (await leases(hook_settings))[LEASE]
         assert holder == running.ctx.extras["webhooks"].holder
-        assert expires > repo.utcnow()
+        assert expires > timeutil.utcnow()
     _, expires = (await leases(hook_settings))[LEASE]
-    assert expires <= repo.utcnow()
+    assert expires <= timeutil.utcnow()
     assert receiver.requests == []
 
 
@@ -390,7 +391,7 @@ async def notifier_on_mysql(mysql_url: str, tmp_path: Path) -> AsyncIterator[tup
 
 async def add_status_event(session: Any, account_id: str) -> None:
     detail = {"from": "ready", "to": "failing", "code": "server_error"}
-    await repo.add_event(session, account_id=account_id, kind="status_changed", detail=detail)
+    await accounts_repo.add_event(session, account_id=account_id, kind="status_changed", detail=detail)
     await session.flush()
 
 

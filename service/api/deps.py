@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import Principal
-from ..context import Context
-from ..errors import Forbidden, Unauthorized
+from service.context import Context
+from service.errors import Forbidden, Unauthorized
+from service.keys.store import Principal
 
 bearer = HTTPBearer(
     auto_error=False,

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..auth import Principal
-from ..context import Context
-from ..errors import BrokerError, Forbidden, Unauthorized
-from .problems import PROBLEM, problem_body
+from service.api.problems import PROBLEM, problem_body
+from service.context import Context
+from service.errors import BrokerError, Forbidden, Unauthorized
+from service.keys.store import Principal
 
 access_log = logging.getLogger("service.access")
 

@@ -15,8 +15,8 @@ from fastapi.responses import Response
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import BrokerError, StorageUnavailable
-from ..jsonutil import dumps
+from service.errors import BrokerError, StorageUnavailable
+from service.kit.jsonutil import dumps
 
 log = logging.getLogger("service.api")
 

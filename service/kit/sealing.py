@@ -7,7 +7,7 @@ seed's consumers read an empty column as "not authorized yet".
 
 from __future__ import annotations
 
-from .crypto import Keyring
+from service.kit.crypto import Keyring
 
 CLIENT_SECRET = "ms_dynamics_365_data.CLIENT_SECRET"
 REFRESH_TOKEN = "ms_dynamics_365_data.REFRESH_TOKEN"

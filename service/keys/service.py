@@ -11,11 +11,13 @@ from collections.abc import Sequence
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import repository as repo
-from .auth import KeyStore, Principal, hash_key, new_key
-from .errors import InvalidInput, KeyNotFound
-from .models import ApiKey
-from .schemas import KeyCreate, KeyCreated, KeyOut, KeyPatch
+from service.accounts import repository as accounts_repo
+from service.errors import InvalidInput, KeyNotFound
+from service.keys import repository as repo
+from service.keys.schemas import KeyCreate, KeyCreated, KeyOut, KeyPatch
+from service.keys.store import KeyStore, Principal, hash_key, new_key
+from service.kit import timeutil
+from service.models import ApiKey
 
 
 def _principal(key: ApiKey, accounts: Sequence[str] | None) -> Principal:
@@ -49,7 +51,7 @@ class KeyService:
     async def _check_accounts(self, session: AsyncSession, accounts: Sequence[str] | None) -> None:
         if not accounts:
             return
-        missing = sorted(set(accounts) - await repo.existing_account_ids(session, accounts))
+        missing = sorted(set(accounts) - await accounts_repo.existing_account_ids(session, accounts))
         if missing:
             raise InvalidInput(
                 f"Unknown account ids in accounts: {', '.join(missing[:5])}",
@@ -69,7 +71,7 @@ class KeyService:
     async def create(self, data: KeyCreate, *, actor: str | None) -> KeyCreated:
         self._refuse_scoped_admin(data.role, data.accounts)
         raw = new_key()
-        now = repo.utcnow()
+        now = timeutil.utcnow()
         key = ApiKey(
             id=str(uuid.uuid4()),
             name=data.name,
@@ -84,7 +86,7 @@ class KeyService:
             await self._check_accounts(session, data.accounts)
             await repo.insert_key(session, key)
             await repo.set_key_scope(session, key.id, data.accounts or [])
-            await repo.add_event(
+            await accounts_repo.add_event(
                 session,
                 account_id=None,
                 kind="key_created",
@@ -133,10 +135,10 @@ class KeyService:
                 await self._check_accounts(session, data.accounts)
                 key.scoped = data.accounts is not None
                 await repo.set_key_scope(session, key_id, data.accounts or [])
-            key.updated_at = repo.utcnow()
+            key.updated_at = timeutil.utcnow()
             await session.flush()
             scopes = (await repo.key_scopes(session, [key_id])).get(key_id, [])
-            await repo.add_event(
+            await accounts_repo.add_event(
                 session,
                 account_id=None,
                 kind="key_changed",
@@ -151,7 +153,7 @@ class KeyService:
             if await repo.get_key(session, key_id) is None:
                 raise KeyNotFound()
             await repo.delete_key(session, key_id)
-            await repo.add_event(
+            await accounts_repo.add_event(
                 session, account_id=None, kind="key_revoked", actor=actor, detail={"key_id": key_id}
             )
         self._keystore.remove(key_id)

@@ -29,8 +29,8 @@ from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 import httpx
 
 from service import errors
-from service.outbound import OutboundPolicy, OutboundURLError
-from service.transport import UnsendableURL, send
+from service.kit.outbound import OutboundPolicy, OutboundURLError
+from service.kit.transport import UnsendableURL, send
 
 # Form fields whose values are secret; anything Azure echoes back has them redacted.
 _SECRET_FIELDS = ("client_secret", "refresh_token", "code", "code_verifier")

@@ -46,14 +46,15 @@ import httpx
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import repository as repo
-from .context import Context
-from .errors import ConfigurationError
-from .jsonutil import dumps
-from .metrics import Metrics
-from .models import Event
-from .outbound import OutboundPolicy, OutboundURLError
-from .settings import Settings
+from service.accounts import repository as accounts_repo
+from service.context import Context
+from service.errors import ConfigurationError
+from service.kit.jsonutil import dumps
+from service.kit.outbound import OutboundPolicy, OutboundURLError
+from service.metrics import Metrics
+from service.models import Event
+from service.settings import Settings
+from service.webhooks import repository as repo
 
 log = logging.getLogger("service.webhooks")
 
@@ -338,14 +339,14 @@ class Notifier:
     async def _account_name(session: AsyncSession, account_id: str | None) -> str | None:
         if account_id is None:
             return None
-        return await repo.account_name(session, account_id)  # None: the account was deleted since
+        return await accounts_repo.account_name(session, account_id)  # None: the account was deleted since
 
     @staticmethod
     async def _message(session: AsyncSession, event: Event, code: object) -> str | None:
         """Azure's sanitised message, from the refresh_failed event written with the change."""
         if event.account_id is None or not isinstance(code, str):
             return None
-        stored = await repo.latest_event_detail(
+        stored = await accounts_repo.latest_event_detail(
             session,
             event.account_id,
             "refresh_failed",

@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Response, status
 
-from ..errors import InvalidInput
-from ..schemas import AccountCreate, AccountList, AccountOut, AccountPatch, EventList, Problem
-from .deps import AccountId, Admin, Ctx, Limit, Offset
+from service.accounts.schemas import AccountCreate, AccountList, AccountOut, AccountPatch, EventList
+from service.api.deps import AccountId, Admin, Ctx, Limit, Offset
+from service.errors import InvalidInput
+from service.kit.schemas import Problem
 
 router = APIRouter(prefix="/accounts", tags=["accounts"])
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import repository as repo
-from . import sealing
-from .crypto import Keyring
+from service.accounts import repository as accounts_repo
+from service.kit import sealing
+from service.kit.crypto import Keyring
+from service.rotation import repository as repo
 
 log = logging.getLogger("service.rotation")
 
@@ -53,7 +54,7 @@ async def _batch(
                 session, account_id, client_secret=new_secret, refresh_token=new_refresh
             )
             await repo.set_state_token(session, account_id, new_access)
-            await repo.add_event(
+            await accounts_repo.add_event(
                 session, account_id=account_id, kind="keys_rotated", detail={"key_id": keyring.primary_key_id}
             )
             report.accounts += 1

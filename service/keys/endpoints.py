@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from ..keys import KeyService
-from ..schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyPatch, Problem
-from .deps import Admin, Ctx, KeyId, Limit, Offset
+from service.api.deps import Admin, Ctx, KeyId, Limit, Offset
+from service.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyPatch
+from service.keys.service import KeyService
+from service.kit.schemas import Problem
 
 router = APIRouter(prefix="/keys", tags=["keys"])
 

@@ -14,7 +14,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from .settings import Settings
+from service.settings import Settings
 
 # MySQL connections kept per replica, and as many more under load. The broker lets at most half
 # of them wait on Azure (broker.REFRESH_SLOTS); probes, the sync and the admin API use the rest.

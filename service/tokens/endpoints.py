@@ -7,12 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from ..auth import Principal
-from ..broker import TokenBroker
-from ..errors import AccountNotFound, BrokerError, NotFound
-from ..schemas import Problem, TokenOut
-from ..token_response import CachedToken
-from .deps import AccountId, Caller, Ctx
+from service.api.deps import AccountId, Caller, Ctx
+from service.errors import AccountNotFound, BrokerError, NotFound
+from service.keys.store import Principal
+from service.kit.schemas import Problem
+from service.tokens.broker import TokenBroker
+from service.tokens.response import CachedToken
+from service.tokens.schemas import TokenOut
 
 router = APIRouter(tags=["tokens"])
 

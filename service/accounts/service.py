@@ -13,15 +13,15 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import repository as repo
-from . import sealing
-from .broker import TokenBroker
-from .crypto import Keyring
-from .errors import AccountNotFound, InvalidInput, VersionConflict
-from .models import Account, AccountState, Event
-from .outbound import OutboundPolicy, OutboundURLError
-from .refresh_outcome import INVALID_CREDENTIALS, NEEDS_AUTHORIZATION, READY
-from .schemas import AccountCreate, AccountOut, AccountPatch, EventOut, LastError
+from service.accounts import repository as repo
+from service.accounts.schemas import AccountCreate, AccountOut, AccountPatch, EventOut, LastError
+from service.errors import AccountNotFound, InvalidInput, VersionConflict
+from service.kit import sealing, timeutil
+from service.kit.crypto import Keyring
+from service.kit.outbound import OutboundPolicy, OutboundURLError
+from service.models import Account, AccountState, Event
+from service.tokens.broker import TokenBroker
+from service.tokens.outcome import INVALID_CREDENTIALS, NEEDS_AUTHORIZATION, READY
 
 URL_FIELDS = ("authorization_url", "token_url", "api_url")
 # Fields a token depends on: changing one makes the cached token and the last error moot.
@@ -113,7 +113,7 @@ class AccountService:
     async def create(self, data: AccountCreate, *, actor: str | None) -> AccountOut:
         self.check_urls(data.model_dump())
         account_id = str(uuid.uuid4())
-        now = repo.utcnow()
+        now = timeutil.utcnow()
         account = Account(
             id=account_id,
             version=1,

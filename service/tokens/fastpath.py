@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..context import Context
-from .middleware import bearer_key
+from service.api.middleware import bearer_key
+from service.context import Context
 
 _PREFIX = "/accounts/"
 _SUFFIX = "/token"

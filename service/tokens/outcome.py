@@ -13,12 +13,12 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from . import repository as repo
-from . import sealing
-from .azure_ad import TokenGrant
-from .crypto import Keyring
-from .errors import ActionRequired, NeedsAuthorization, Unavailable, UpstreamUnavailable
-from .models import Account, AccountState
+from service.accounts import repository as accounts_repo
+from service.errors import ActionRequired, NeedsAuthorization, Unavailable, UpstreamUnavailable
+from service.idp.azure_ad import TokenGrant
+from service.kit import sealing, timeutil
+from service.kit.crypto import Keyring
+from service.models import Account, AccountState
 
 log = logging.getLogger("service.broker")
 
@@ -41,7 +41,7 @@ async def record_failure(
     A person must act on an ``ActionRequired``; anything else is transient and waits until
     ``retry_at`` (``retry_after`` seconds from now) before Azure is asked again."""
     account_id = state.account_id
-    values: dict[str, Any] = {"last_error_at": repo.utcnow()}
+    values: dict[str, Any] = {"last_error_at": timeutil.utcnow()}
     if isinstance(exc, ActionRequired):
         status = NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else INVALID_CREDENTIALS
         values |= {
@@ -68,11 +68,11 @@ async def record_failure(
             "retry_after": round(retry_after, 1) if status == FAILING else None,
         },
     )
-    await repo.update_state(session, account_id, values)
+    await accounts_repo.update_state(session, account_id, values)
     detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
-    await repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
+    await accounts_repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
     if status != state.status:
-        await repo.add_event(
+        await accounts_repo.add_event(
             session,
             account_id=account_id,
             kind="status_changed",
@@ -89,7 +89,7 @@ async def record_grant(
     version = account.version or 0
     if grant.refresh_token:
         sealed = sealing.seal(keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
-        stored = await repo.update_account_columns(
+        stored = await accounts_repo.update_account_columns(
             session, account.id, {"refresh_token": sealed}, expected_version=version
         )
         if not stored:
@@ -97,13 +97,13 @@ async def record_grant(
             # row lock is held): their values win; this result is dropped.
             raise UpstreamUnavailable("The account changed during the refresh; try again.", reason="conflict")
         version += 1
-    await repo.update_state(
+    await accounts_repo.update_state(
         session,
         account.id,
         {
             "access_token": sealing.seal(keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token),
-            "token_expires_at": repo.from_epoch(grant.expires_at),
-            "last_refreshed_at": repo.utcnow(),
+            "token_expires_at": timeutil.from_epoch(grant.expires_at),
+            "last_refreshed_at": timeutil.utcnow(),
             "status": READY,
             "last_error_code": None,
             "last_error_message": None,
@@ -111,17 +111,17 @@ async def record_grant(
             "failures": 0,
         },
     )
-    await repo.add_event(
+    await accounts_repo.add_event(
         session,
         account_id=account.id,
         kind="token_refreshed",
         detail={
-            "expires_at": repo.from_epoch(grant.expires_at).isoformat() + "Z",
+            "expires_at": timeutil.from_epoch(grant.expires_at).isoformat() + "Z",
             "refresh_token_rotated": bool(grant.refresh_token),
         },
     )
     if state.status != READY:
-        await repo.add_event(
+        await accounts_repo.add_event(
             session, account_id=account.id, kind="status_changed", detail={"from": state.status, "to": READY}
         )
     return version

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from service.outbound import OutboundPolicy, OutboundURLError
-from service.transport import UnsendableURL, send
+from service.kit.outbound import OutboundPolicy, OutboundURLError
+from service.kit.transport import UnsendableURL, send
 
 Reason = Literal[
     "unauthorized", "forbidden", "not_found", "unreachable", "bad_response", "server_error", "forbidden_url"

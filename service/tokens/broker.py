@@ -45,13 +45,8 @@ from typing import Any, NoReturn
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import refresh_outcome as outcome
-from . import repository as repo
-from . import sealing
-from .azure_ad import AzureADClient, ClientCredentials, TokenGrant
-from .crypto import DecryptionError, Keyring
-from .db import POOL_SIZE
-from .errors import (
+from service.accounts import repository as accounts_repo
+from service.errors import (
     AccountNotFound,
     ActionRequired,
     InvalidCredentials,
@@ -60,10 +55,16 @@ from .errors import (
     Unavailable,
     UpstreamUnavailable,
 )
-from .metrics import Metrics
-from .models import Account, AccountState
-from .settings import Settings
-from .token_response import CachedToken
+from service.idp.azure_ad import AzureADClient, ClientCredentials, TokenGrant
+from service.kit import sealing, timeutil
+from service.kit.crypto import DecryptionError, Keyring
+from service.kit.db import POOL_SIZE
+from service.metrics import Metrics
+from service.models import Account, AccountState
+from service.settings import Settings
+from service.tokens import outcome
+from service.tokens import repository as repo
+from service.tokens.response import CachedToken
 
 log = logging.getLogger("service.broker")
 
@@ -150,7 +151,7 @@ class TokenBroker:
 
     async def exists(self, account_id: str) -> bool:
         async with self._session() as session:
-            return await repo.get_account(session, account_id) is not None
+            return await accounts_repo.get_account(session, account_id) is not None
 
     def need_for(self, min_ttl: float) -> float:
         return max(self._min_ttl, min_ttl)
@@ -161,7 +162,7 @@ class TokenBroker:
         if account_id != "default":
             return account_id
         async with self._session() as session:
-            found = await repo.default_account_id(session)
+            found = await accounts_repo.default_account_id(session)
         if found is None:
             raise AccountNotFound("default")
         return found
@@ -251,7 +252,7 @@ class TokenBroker:
         if hold is not None:
             hold.raise_again(self.clock())
         async with self._session() as session:
-            row = await repo.get_account(session, account_id)
+            row = await accounts_repo.get_account(session, account_id)
         if row is None:
             self.forget(account_id)
             raise AccountNotFound(account_id)
@@ -284,7 +285,7 @@ class TokenBroker:
         """``seen``: when the stored token was obtained, as read before waiting for the lock."""
         async with self._session() as session:
             waited = time.perf_counter()
-            row = await repo.lock_account_state(session, account_id)
+            row = await accounts_repo.lock_account_state(session, account_id)
             self._metrics.lock_wait.observe(time.perf_counter() - waited)
             if row is None:
                 self.forget(account_id)
@@ -357,7 +358,7 @@ class TokenBroker:
     def _refuse_if_blocked(self, account: Account, state: AccountState) -> None:
         """Raise (and remember) what the stored state says: a wait another replica started, or a
         refusal only a person can fix (asking Azure again with the same credentials cannot help)."""
-        now = repo.utcnow()
+        now = timeutil.utcnow()
         version = account.version or 0
         error: ActionRequired | Unavailable | None = None
         seconds = math.inf
@@ -416,9 +417,9 @@ class TokenBroker:
     ) -> tuple[tuple[Account, AccountState], bool]:
         """Lock the account's seed row (after its token row, the order every writer takes them);
         the rows as they are now, and whether VERSION moved since ``account`` was read."""
-        if await repo.lock_account_version(session, account.id) == (account.version or 0):
+        if await accounts_repo.lock_account_version(session, account.id) == (account.version or 0):
             return (account, state), False
-        row = await repo.get_account(session, account.id)
+        row = await accounts_repo.get_account(session, account.id)
         if row is None:
             self.forget(account.id)
             raise AccountNotFound(account.id)
@@ -474,7 +475,7 @@ class TokenBroker:
         delay, retry_at, hold = 0.0, None, math.inf
         if isinstance(exc, Unavailable):
             delay = self._backoff(state.failures + 1, exc.retry_after if exc.reason == "throttled" else 0.0)
-            retry_at = repo.from_epoch(self.clock() + delay)
+            retry_at = timeutil.from_epoch(self.clock() + delay)
             hold = delay
         await outcome.record_failure(session, state, exc, retry_at=retry_at, retry_after=delay)
         self._holds[account.id] = _Hold(self.clock() + hold, account.version or 0, exc)
@@ -512,14 +513,14 @@ class TokenBroker:
                 "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
             )
         async with self._session() as session, session.begin():
-            row = await repo.lock_account_state(session, account_id)
+            row = await accounts_repo.lock_account_state(session, account_id)
             if row is None:
                 raise AccountNotFound(account_id)
             (account, state), _ = await self._lock_seed_row(session, *row)
             # A new authorization supersedes any earlier failure or backoff.
-            await repo.update_state(session, account_id, {"next_attempt_at": None, "failures": 0})
+            await accounts_repo.update_state(session, account_id, {"next_attempt_at": None, "failures": 0})
             version = await outcome.record_grant(session, self._keyring, account, state, grant)
-            await repo.add_event(session, account_id=account_id, kind="authorized", actor=actor)
+            await accounts_repo.add_event(session, account_id=account_id, kind="authorized", actor=actor)
         entry = self._entry(
             account_id, grant.access_token, grant.expires_at, version, account.api_url, self.clock()
         )
@@ -542,8 +543,8 @@ class TokenBroker:
             token = self.unseal(sealing.ACCESS_TOKEN, account.id, state.access_token)
         except StorageUnavailable:
             return None
-        obtained = repo.to_epoch(state.last_refreshed_at) if state.last_refreshed_at else 0.0
-        expires = repo.to_epoch(state.token_expires_at)
+        obtained = timeutil.to_epoch(state.last_refreshed_at) if state.last_refreshed_at else 0.0
+        expires = timeutil.to_epoch(state.token_expires_at)
         return self._entry(account.id, token or "", expires, account.version or 0, account.api_url, obtained)
 
     def credentials(self, account: Account, *, with_secret: bool = True) -> ClientCredentials:
@@ -597,7 +598,7 @@ class TokenBroker:
         A restarted replica then answers its first request for each account from memory instead
         of one database read per account (seconds of cold start with thousands of accounts).
         """
-        valid_after = repo.from_epoch(self.clock() + self._min_ttl)
+        valid_after = timeutil.from_epoch(self.clock() + self._min_ttl)
         async with self._session() as session:
             rows = await repo.accounts_with_tokens(session, valid_after=valid_after)
         for account, state in rows:

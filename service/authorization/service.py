@@ -27,14 +27,12 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from . import repository as repo
-from . import sealing
-from .accounts import AccountService
-from .azure_ad import AzureADClient, sanitize_description
-from .broker import TokenBroker
-from .crypto import Keyring
-from .dynamics import ConnectionProblem, WhoAmI, who_am_i
-from .errors import (
+from service.accounts import repository as accounts_repo
+from service.accounts.schemas import AccountOut
+from service.accounts.service import AccountService
+from service.authorization import repository as repo
+from service.authorization.schemas import AuthorizeOut, ConnectionTestOut
+from service.errors import (
     AccountNotFound,
     ActionRequired,
     AuthorizationDenied,
@@ -43,13 +41,17 @@ from .errors import (
     InvalidState,
     UpstreamUnavailable,
 )
-from .models import Account, AccountState, PendingAuthorization
-from .outbound import OutboundPolicy
-from .schemas import AccountOut, AuthorizeOut, ConnectionTestOut
-from .settings import Settings
+from service.idp.azure_ad import AzureADClient, sanitize_description
+from service.idp.dynamics import ConnectionProblem, WhoAmI, who_am_i
+from service.kit import sealing, timeutil
+from service.kit.crypto import Keyring
+from service.kit.outbound import OutboundPolicy
+from service.models import Account, AccountState, PendingAuthorization
+from service.settings import Settings
+from service.tokens.broker import TokenBroker
 
 if TYPE_CHECKING:
-    from .context import Context
+    from service.context import Context
 
 CALLBACK_PATH = "/oauth/callback"
 _MAX_PASTED_FIELDS = 50
@@ -229,7 +231,7 @@ class AuthorizationService:
             code_challenge=s256(verifier),
         )
         digest = state_hash(state)
-        now = repo.utcnow()
+        now = timeutil.utcnow()
         pending = PendingAuthorization(
             state_hash=digest,
             account_id=account_id,
@@ -241,7 +243,7 @@ class AuthorizationService:
         expires_at = pending.expires_at.replace(tzinfo=UTC)
         async with self._sessions() as session, session.begin():
             await repo.add_pending(session, pending)
-            await repo.add_event(
+            await accounts_repo.add_event(
                 session,
                 account_id=account_id,
                 kind="authorization_started",
@@ -259,7 +261,7 @@ class AuthorizationService:
         async with self._sessions() as session, session.begin():
             pending = await repo.take_pending(session, state_hash(state), account_id=account_id)
         # Consumed even when expired: an expired state must not linger, and is invalid all the same.
-        if pending is None or pending.expires_at <= repo.utcnow():
+        if pending is None or pending.expires_at <= timeutil.utcnow():
             whose = " for this account" if account_id else ""
             raise InvalidState(
                 f"This authorization is unknown{whose}, expired (they last {PENDING_TTL.seconds // 60} "
@@ -379,7 +381,7 @@ class AuthorizationService:
     async def _load(self, account_id: str) -> tuple[Account, AccountState]:
         """The account, which must exist and use the authorization-code grant."""
         async with self._sessions() as session:
-            row = await repo.get_account(session, account_id)
+            row = await accounts_repo.get_account(session, account_id)
         if row is None:
             raise AccountNotFound(account_id)
         if row[1].grant_type == "client_credentials":
@@ -391,7 +393,7 @@ class AuthorizationService:
 
     async def _event(self, account_id: str, kind: str, actor: str | None, detail: dict[str, Any]) -> None:
         async with self._sessions() as session, session.begin():
-            await repo.add_event(
+            await accounts_repo.add_event(
                 session,
                 account_id=account_id,
                 kind=kind,

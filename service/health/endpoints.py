@@ -6,9 +6,9 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..jsonutil import dumps
-from ..migrate import current_revision, head_revision
-from .deps import Ctx
+from service.api.deps import Ctx
+from service.kit.jsonutil import dumps
+from service.migrate import current_revision, head_revision
 
 router = APIRouter(tags=["health"])
 

@@ -16,19 +16,13 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.authorization import PENDING_TTL, AuthorizationService, Redirect
+from service.accounts.schemas import AccountOut
+from service.api.deps import AccountId, Admin, Ctx
+from service.api.problems import PROBLEM, problem_response
+from service.authorization.schemas import AuthorizationCodeIn, AuthorizeIn, AuthorizeOut, ConnectionTestOut
+from service.authorization.service import PENDING_TTL, AuthorizationService, Redirect
 from service.errors import BrokerError, InvalidState, StorageUnavailable, Unavailable
-from service.schemas import (
-    AccountOut,
-    AuthorizationCodeIn,
-    AuthorizeIn,
-    AuthorizeOut,
-    ConnectionTestOut,
-    Problem,
-)
-
-from .deps import AccountId, Admin, Ctx
-from .problems import PROBLEM, problem_response
+from service.kit.schemas import Problem
 
 router = APIRouter(tags=["authorization"])
 

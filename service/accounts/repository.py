@@ -1,0 +1,249 @@
+"""SQL of the accounts feature: the seed table, the account's state row and its events.
+
+Invariants kept here: at most one default account (changes serialise on a mutex row);
+``VERSION`` grows by one on every write to an account row; a name collision surfaces as
+``NameConflict`` whatever the database's wording; datetimes are naive UTC. Every writer locks an
+account's state row before its seed row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.errors import NameConflict
+from service.kit.timeutil import storable_id, utcnow
+from service.models import Account, AccountState, Event, Lease
+
+DEFAULT_MUTEX = "mutex:default_account"
+
+
+def _is_name_conflict(exc: IntegrityError) -> bool:
+    text = str(exc.orig).lower()
+    return "name" in text and ("duplicate" in text or "unique" in text)
+
+
+async def flush_or_conflict(session: AsyncSession) -> None:
+    try:
+        await session.flush()
+    except IntegrityError as exc:
+        if _is_name_conflict(exc):
+            raise NameConflict("An account with this name already exists.") from None
+        raise
+
+
+async def lock_default_mutex(session: AsyncSession) -> None:
+    await session.execute(select(Lease.name).where(Lease.name == DEFAULT_MUTEX).with_for_update())
+
+
+async def clear_default(session: AsyncSession, *, except_id: str) -> list[str]:
+    """Unset the default flag everywhere but ``except_id``; returns the ids that lost it."""
+    rows = await session.execute(
+        select(Account.id).where(Account.default_account.is_(True), Account.id != except_id)
+    )
+    ids = list(rows.scalars())
+    if ids:
+        await session.execute(
+            update(Account)
+            .where(Account.id.in_(ids))
+            .values(default_account=False, version=func.coalesce(Account.version, 0) + 1)
+        )
+    return ids
+
+
+async def insert_account(session: AsyncSession, account: Account, state: AccountState) -> None:
+    session.add(account)
+    await flush_or_conflict(session)
+    session.add(state)
+    await session.flush()
+
+
+async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
+    if not storable_id(account_id):
+        return None
+    row = (
+        await session.execute(
+            select(Account, AccountState)
+            .join(AccountState, AccountState.account_id == Account.id)
+            .where(Account.id == account_id)
+            .execution_options(populate_existing=True)
+        )
+    ).first()
+    # MySQL's utf8 collation matches 'ABC' and 'abc ' to 'abc': only the exact id counts.
+    return (row[0], row[1]) if row and row[0].id == account_id else None
+
+
+async def default_account_id(session: AsyncSession) -> str | None:
+    rows = await session.execute(
+        select(Account.id).where(Account.default_account.is_(True)).order_by(Account.id).limit(1)
+    )
+    return rows.scalar_one_or_none()
+
+
+async def account_name(session: AsyncSession, account_id: str) -> str | None:
+    """The account's NAME, for a notification about it; None once the account is deleted."""
+    row = (await session.execute(select(Account.id, Account.name).where(Account.id == account_id))).first()
+    return row[1] if row is not None and row[0] == account_id else None  # exact id, as get_account
+
+
+async def list_accounts(
+    session: AsyncSession, *, limit: int, offset: int
+) -> list[tuple[Account, AccountState]]:
+    rows = await session.execute(
+        select(Account, AccountState)
+        .join(AccountState, AccountState.account_id == Account.id)
+        .order_by(Account.name, Account.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [(a, s) for a, s in rows]
+
+
+async def account_versions(session: AsyncSession) -> list[tuple[str, int, bool]]:
+    """(id, version, default) of every account: what replicas compare to drop stale caches."""
+    rows = await session.execute(select(Account.id, Account.version, Account.default_account))
+    return [(i, v or 0, bool(d)) for i, v, d in rows]
+
+
+async def update_account_columns(
+    session: AsyncSession, account_id: str, values: Mapping[str, Any], *, expected_version: int | None
+) -> bool:
+    """Write only the changed columns and bump VERSION; False when the version did not match."""
+    stmt = (
+        update(Account)
+        .where(Account.id == account_id)
+        .values(**values, version=func.coalesce(Account.version, 0) + 1)
+    )
+    if expected_version is not None:
+        stmt = stmt.where(func.coalesce(Account.version, 0) == expected_version)
+    try:
+        result = await session.execute(stmt.execution_options(synchronize_session=False))
+    except IntegrityError as exc:
+        if _is_name_conflict(exc):
+            raise NameConflict("An account with this name already exists.") from None
+        raise
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def update_state(session: AsyncSession, account_id: str, values: Mapping[str, Any]) -> None:
+    await session.execute(
+        update(AccountState)
+        .where(AccountState.account_id == account_id)
+        .values(**values, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def delete_account(session: AsyncSession, account_id: str) -> bool:
+    result = await session.execute(delete(Account).where(Account.id == account_id))
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
+    """Lock the account's token row (waits at most the lock timeout), then read both rows fresh."""
+    if not storable_id(account_id):
+        return None
+    state = (
+        await session.execute(
+            select(AccountState)
+            .where(AccountState.account_id == account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if state is None:
+        return None
+    account = (
+        await session.execute(
+            select(Account).where(Account.id == account_id).execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    return (account, state) if account is not None and account.id == account_id else None
+
+
+async def lock_account_version(session: AsyncSession, account_id: str) -> int | None:
+    """Lock the account's seed row and return its VERSION (None: deleted)."""
+    row = (
+        await session.execute(
+            select(Account.id, Account.version).where(Account.id == account_id).with_for_update()
+        )
+    ).first()
+    return (row[1] or 0) if row is not None and row[0] == account_id else None
+
+
+async def status_counts(session: AsyncSession) -> dict[str, int]:
+    rows = await session.execute(select(AccountState.status, func.count()).group_by(AccountState.status))
+    return {str(status): int(count) for status, count in rows}
+
+
+async def stale_authorization_code_accounts(session: AsyncSession, *, older_than: datetime) -> list[str]:
+    rows = await session.execute(
+        select(AccountState.account_id).where(
+            AccountState.grant_type == "authorization_code",
+            AccountState.status.in_(("ready", "failing")),
+            (AccountState.last_refreshed_at.is_(None)) | (AccountState.last_refreshed_at < older_than),
+        )
+    )
+    return list(rows.scalars())
+
+
+async def add_event(
+    session: AsyncSession,
+    *,
+    account_id: str | None,
+    kind: str,
+    actor: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    session.add(
+        Event(
+            account_id=account_id,
+            kind=kind,
+            actor=actor,
+            detail=json.dumps(detail, sort_keys=True) if detail else None,
+            created_at=utcnow(),
+        )
+    )
+
+
+async def list_events(session: AsyncSession, account_id: str, *, limit: int, offset: int) -> list[Event]:
+    rows = await session.execute(
+        select(Event)
+        .where(Event.account_id == account_id)
+        .order_by(Event.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return list(rows.scalars())
+
+
+async def latest_event_detail(
+    session: AsyncSession, account_id: str, kind: str, *, before_id: int, since: datetime
+) -> str | None:
+    """DETAIL of the account's newest ``kind`` event before ``before_id`` and not older than ``since``."""
+    rows = await session.scalars(
+        select(Event.detail)
+        .where(
+            Event.account_id == account_id,
+            Event.kind == kind,
+            Event.id < before_id,
+            Event.created_at >= since,
+        )
+        .order_by(Event.id.desc())
+        .limit(1)
+    )
+    return rows.first()
+
+
+async def existing_account_ids(session: AsyncSession, account_ids: Sequence[str]) -> set[str]:
+    candidates = [a for a in account_ids if storable_id(a)]
+    if not candidates:
+        return set()
+    rows = await session.execute(select(Account.id).where(Account.id.in_(candidates)))
+    return set(rows.scalars()) & set(candidates)  # exact matches only (case-insensitive collation)

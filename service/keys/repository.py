@@ -1,0 +1,68 @@
+"""SQL of caller keys: only hashes are stored; a key's scope is a set of account ids."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.kit.timeutil import storable_id
+from service.models import ApiKey, ApiKeyScope
+
+
+async def insert_key(session: AsyncSession, key: ApiKey) -> None:
+    """Add a key row and flush, so its scope rows can refer to it in the same transaction."""
+    session.add(key)
+    await session.flush()
+
+
+async def list_keys(session: AsyncSession, *, limit: int, offset: int) -> list[ApiKey]:
+    rows = await session.execute(
+        select(ApiKey).order_by(ApiKey.created_at, ApiKey.id).limit(limit).offset(offset)
+    )
+    return list(rows.scalars())
+
+
+async def get_key(session: AsyncSession, key_id: str) -> ApiKey | None:
+    if not storable_id(key_id):
+        return None
+    key = await session.get(ApiKey, key_id)
+    return key if key is not None and key.id == key_id else None
+
+
+async def key_scopes(session: AsyncSession, key_ids: Sequence[str] | None = None) -> dict[str, list[str]]:
+    stmt = select(ApiKeyScope.key_id, ApiKeyScope.account_id).order_by(ApiKeyScope.account_id)
+    if key_ids is not None:
+        stmt = stmt.where(ApiKeyScope.key_id.in_(key_ids))
+    scopes: dict[str, list[str]] = {}
+    for key_id, account_id in await session.execute(stmt):
+        scopes.setdefault(key_id, []).append(account_id)
+    return scopes
+
+
+async def set_key_scope(session: AsyncSession, key_id: str, account_ids: Sequence[str]) -> None:
+    await session.execute(delete(ApiKeyScope).where(ApiKeyScope.key_id == key_id))
+    for account_id in dict.fromkeys(account_ids):
+        session.add(ApiKeyScope(key_id=key_id, account_id=account_id))
+    await session.flush()
+
+
+async def all_keys(session: AsyncSession) -> list[ApiKey]:
+    return list((await session.execute(select(ApiKey))).scalars())
+
+
+async def delete_key(session: AsyncSession, key_id: str) -> bool:
+    result = await session.execute(delete(ApiKey).where(ApiKey.id == key_id))
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def touch_keys(session: AsyncSession, used: Mapping[str, datetime]) -> None:
+    for key_id, when in used.items():
+        await session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id)
+            .values(last_used_at=when)
+            .execution_options(synchronize_session=False)
+        )

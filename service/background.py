@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from service.accounts import repository as accounts_repo
+from service.accounts.status import Status
 from service.context import Context
 from service.errors import BrokerError
 from service.keys import repository as keys_repo
@@ -43,7 +44,7 @@ async def sync_once(ctx: Context) -> None:
         counts = await accounts_repo.status_counts(session)
     ctx.broker.apply_versions(versions)
     ctx.keystore.replace_managed(principals, since=mark)
-    for status in ("ready", "needs_authorization", "invalid_credentials", "failing"):
+    for status in Status:
         ctx.metrics.accounts_by_status.labels(status).set(counts.get(status, 0))
     await write_key_usage(ctx)
 

@@ -25,6 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.accounts.status import Status
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -86,7 +88,7 @@ class AccountState(Base):
         String(255), ForeignKey("ms_dynamics_365_data.ID", ondelete="CASCADE"), primary_key=True
     )
     grant_type: Mapped[str] = mapped_column(String(32), nullable=False, default="authorization_code")
-    status: Mapped[str] = mapped_column(String(32), nullable=False, default="needs_authorization")
+    status: Mapped[str] = mapped_column(String(32), nullable=False, default=Status.NEEDS_AUTHORIZATION.value)
     access_token: Mapped[str | None] = mapped_column(MEDIUMTEXT, nullable=True)
     token_expires_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, nullable=True)
     last_refreshed_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, nullable=True)

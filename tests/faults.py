@@ -1,4 +1,4 @@
-"""Helpers for the fault and load scenarios (``tests/test_faults.py``, ``bench/reliability.py``).
+"""Helpers for the fault and load scenarios (``tests/system/test_faults.py``, ``bench/reliability.py``).
 
 * ``SCALE`` (``BROKER_FAULTS_SCALE``, default 1: the short CI version) stretches every phase;
 * ``Tally`` records what callers got: outcomes by kind, latencies, ``Retry-After`` values, a
@@ -181,7 +181,7 @@ async def callers_running(
 
 def async_clients(urls: list[str], key: str, *, connections: int = 50, timeout: float = 30.0) -> list[Any]:
     # uvicorn closes a connection idle for 5 s: a shorter client keepalive avoids reusing one
-    # that the server is closing at that very moment (see tests/test_multiprocess.py).
+    # that the server is closing at that very moment (see tests/system/test_multiprocess.py).
     limits = httpx.Limits(
         max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2
     )

@@ -17,6 +17,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.accounts.status import Status
 from service.errors import NameConflict
 from service.kit.timeutil import storable_id, utcnow
 from service.models import Account, AccountState, Event, Lease
@@ -186,7 +187,7 @@ async def stale_authorization_code_accounts(session: AsyncSession, *, older_than
     rows = await session.execute(
         select(AccountState.account_id).where(
             AccountState.grant_type == "authorization_code",
-            AccountState.status.in_(("ready", "failing")),
+            AccountState.status.in_((Status.READY, Status.FAILING)),
             (AccountState.last_refreshed_at.is_(None)) | (AccountState.last_refreshed_at < older_than),
         )
     )

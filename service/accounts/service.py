@@ -15,13 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as repo
 from service.accounts.schemas import AccountCreate, AccountOut, AccountPatch, EventOut, LastError
+from service.accounts.status import Status
 from service.errors import AccountNotFound, InvalidInput, VersionConflict
 from service.kit import sealing, timeutil
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy, OutboundURLError
 from service.models import Account, AccountState, Event
 from service.tokens.broker import TokenBroker
-from service.tokens.outcome import INVALID_CREDENTIALS, NEEDS_AUTHORIZATION, READY
 
 URL_FIELDS = ("authorization_url", "token_url", "api_url")
 # Fields a token depends on: changing one makes the cached token and the last error moot.
@@ -36,15 +36,15 @@ COLUMN_FIELDS = frozenset(
 
 def initial_status(grant_type: str, has_refresh_token: bool) -> str:
     if grant_type == "authorization_code" and not has_refresh_token:
-        return NEEDS_AUTHORIZATION
-    return READY
+        return Status.NEEDS_AUTHORIZATION
+    return Status.READY
 
 
 def to_out(account: Account, state: AccountState) -> AccountOut:
     has_refresh = bool(account.refresh_token)
     status = state.status
-    if state.grant_type == "authorization_code" and not has_refresh and status != INVALID_CREDENTIALS:
-        status = NEEDS_AUTHORIZATION
+    if state.grant_type == "authorization_code" and not has_refresh and status != Status.INVALID_CREDENTIALS:
+        status = Status.NEEDS_AUTHORIZATION
     last_error = None
     if state.last_error_code:
         last_error = LastError(

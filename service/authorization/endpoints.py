@@ -22,6 +22,7 @@ from service.api.problems import PROBLEM, problem_response
 from service.authorization.schemas import AuthorizationCodeIn, AuthorizeIn, AuthorizeOut, ConnectionTestOut
 from service.authorization.service import PENDING_TTL, AuthorizationService, Redirect
 from service.errors import BrokerError, InvalidState, StorageUnavailable, Unavailable
+from service.kit.http import NO_STORE
 from service.kit.schemas import Problem
 
 router = APIRouter(tags=["authorization"])
@@ -32,7 +33,6 @@ ERRORS: dict[int | str, dict[str, object]] = {
     404: {"model": Problem, "description": "account_not_found"},
     422: {"model": Problem, "description": "Invalid input, or a client_credentials account"},
 }
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 PAGE_HEADERS = {
     **NO_STORE,
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'",

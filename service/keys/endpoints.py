@@ -7,6 +7,7 @@ from fastapi import APIRouter, Response, status
 from service.api.deps import Admin, Ctx, KeyId, Limit, Offset
 from service.keys.schemas import KeyCreate, KeyCreated, KeyList, KeyOut, KeyPatch
 from service.keys.service import KeyService
+from service.kit.http import NO_STORE
 from service.kit.schemas import Problem
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -33,7 +34,7 @@ def _keys(ctx: Ctx) -> KeyService:
 async def create_key(body: KeyCreate, ctx: Ctx, admin: Admin, response: Response) -> KeyCreated:
     created = await _keys(ctx).create(body, actor=admin.fingerprint)
     response.headers["Location"] = f"/keys/{created.id}"
-    response.headers["Cache-Control"] = "no-store"
+    response.headers.update(NO_STORE)
     return created
 
 

@@ -46,6 +46,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
+from service.accounts.status import Status
 from service.errors import (
     AccountNotFound,
     ActionRequired,
@@ -57,6 +58,7 @@ from service.errors import (
 )
 from service.idp.azure_ad import AzureADClient, ClientCredentials, TokenGrant
 from service.kit import sealing, timeutil
+from service.kit.backoff import exp_jitter
 from service.kit.crypto import DecryptionError, Keyring
 from service.kit.db import POOL_SIZE
 from service.metrics import Metrics
@@ -370,9 +372,9 @@ class TokenBroker:
                 retry_after=seconds,
                 reason="backoff",
             )
-        elif state.status == outcome.NEEDS_AUTHORIZATION and state.last_error_code:
+        elif state.status == Status.NEEDS_AUTHORIZATION and state.last_error_code:
             error = NeedsAuthorization(outcome.action_text(state), idp_code=state.last_error_code)
-        elif state.status == outcome.INVALID_CREDENTIALS and state.last_error_code:
+        elif state.status == Status.INVALID_CREDENTIALS and state.last_error_code:
             error = InvalidCredentials(outcome.action_text(state), idp_code=state.last_error_code)
         if error is not None:
             self._holds[account.id] = _Hold(self.clock() + seconds, version, error)
@@ -454,9 +456,13 @@ class TokenBroker:
             self._metrics.idp_latency.labels(grant_type).observe(time.perf_counter() - started)
 
     def _backoff(self, failures: int, retry_after: float) -> float:
-        base = self._settings.backoff_base_seconds * float(2 ** min(failures - 1, 16))
-        jittered = min(self._settings.backoff_max_seconds, base) * (0.5 + self._rng() / 2)
-        return max(retry_after, jittered)
+        return exp_jitter(
+            failures,
+            base=self._settings.backoff_base_seconds,
+            cap=self._settings.backoff_max_seconds,
+            rng=self._rng,
+            at_least=retry_after,
+        )
 
     async def _record_failure(
         self,

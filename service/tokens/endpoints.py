@@ -10,14 +10,13 @@ from fastapi import APIRouter, Query, Response
 from service.api.deps import AccountId, Caller, Ctx
 from service.errors import AccountNotFound, BrokerError, NotFound
 from service.keys.store import Principal
+from service.kit.http import NO_STORE
 from service.kit.schemas import Problem
 from service.tokens.broker import TokenBroker
 from service.tokens.response import CachedToken
 from service.tokens.schemas import TokenOut
 
 router = APIRouter(tags=["tokens"])
-
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 @router.get(

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.accounts import repository as accounts_repo
+from service.accounts.status import Status
 from service.errors import ActionRequired, NeedsAuthorization, Unavailable, UpstreamUnavailable
 from service.idp.azure_ad import TokenGrant
 from service.kit import sealing, timeutil
@@ -21,11 +22,6 @@ from service.kit.crypto import Keyring
 from service.models import Account, AccountState
 
 log = logging.getLogger("service.broker")
-
-READY = "ready"
-NEEDS_AUTHORIZATION = "needs_authorization"
-INVALID_CREDENTIALS = "invalid_credentials"
-FAILING = "failing"
 
 
 async def record_failure(
@@ -43,7 +39,9 @@ async def record_failure(
     account_id = state.account_id
     values: dict[str, Any] = {"last_error_at": timeutil.utcnow()}
     if isinstance(exc, ActionRequired):
-        status = NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else INVALID_CREDENTIALS
+        status = (
+            Status.NEEDS_AUTHORIZATION if isinstance(exc, NeedsAuthorization) else Status.INVALID_CREDENTIALS
+        )
         values |= {
             "status": status,
             "last_error_code": exc.idp_code or exc.code,
@@ -51,7 +49,7 @@ async def record_failure(
             "next_attempt_at": None,
         }
     else:
-        status = FAILING
+        status = Status.FAILING
         values |= {
             "status": status,
             "failures": state.failures + 1,
@@ -65,7 +63,7 @@ async def record_failure(
             "account_id": account_id,
             "code": values["last_error_code"],
             "to_status": status,
-            "retry_after": round(retry_after, 1) if status == FAILING else None,
+            "retry_after": round(retry_after, 1) if status == Status.FAILING else None,
         },
     )
     await accounts_repo.update_state(session, account_id, values)
@@ -104,7 +102,7 @@ async def record_grant(
             "access_token": sealing.seal(keyring, sealing.ACCESS_TOKEN, account.id, grant.access_token),
             "token_expires_at": timeutil.from_epoch(grant.expires_at),
             "last_refreshed_at": timeutil.utcnow(),
-            "status": READY,
+            "status": Status.READY,
             "last_error_code": None,
             "last_error_message": None,
             "next_attempt_at": None,
@@ -120,16 +118,19 @@ async def record_grant(
             "refresh_token_rotated": bool(grant.refresh_token),
         },
     )
-    if state.status != READY:
+    if state.status != Status.READY:
         await accounts_repo.add_event(
-            session, account_id=account.id, kind="status_changed", detail={"from": state.status, "to": READY}
+            session,
+            account_id=account.id,
+            kind="status_changed",
+            detail={"from": state.status, "to": Status.READY},
         )
     return version
 
 
 def action_text(state: AccountState) -> str:
     """What a person must do about an account that Azure refused, in plain words."""
-    if state.status == NEEDS_AUTHORIZATION:
+    if state.status == Status.NEEDS_AUTHORIZATION:
         return (
             f"Azure AD refused this account's refresh token ({state.last_error_code}): "
             f"authorize it again (POST /accounts/{state.account_id}/authorize)."

@@ -49,6 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.accounts import repository as accounts_repo
 from service.context import Context
 from service.errors import ConfigurationError
+from service.kit.backoff import exp_jitter
 from service.kit.jsonutil import dumps
 from service.kit.outbound import OutboundPolicy, OutboundURLError
 from service.metrics import Metrics
@@ -265,8 +266,12 @@ class Notifier:
         return False
 
     def _backoff(self, attempts: int) -> float:
-        base = self._settings.webhook_backoff_base_seconds * float(2 ** min(attempts - 1, 16))
-        return min(self._settings.webhook_backoff_max_seconds, base) * (0.5 + self._rng() / 2)
+        return exp_jitter(
+            attempts,
+            base=self._settings.webhook_backoff_base_seconds,
+            cap=self._settings.webhook_backoff_max_seconds,
+            rng=self._rng,
+        )
 
     async def _post(self, head: _Head) -> tuple[int | None, str | None]:
         """(HTTP status, None) or (None, exception type). The response body is never read."""

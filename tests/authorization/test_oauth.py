@@ -26,8 +26,7 @@ from service.authorization.service import parse_pasted, redirect_uri_problem, s2
 from service.errors import InvalidInput
 from service.kit import timeutil
 from service.models import PendingAuthorization
-
-from .conftest import (
+from tests.conftest import (
     API_URL,
     AUTHORIZE_URL_V2,
     CLIENT_SECRET,

@@ -22,8 +22,7 @@ from service.kit.db import create_engine, create_sessionmaker
 from service.models import Account, AccountState
 from service.rotation import repository as rotation_repo
 from service.rotation.service import rotate_all
-
-from .conftest import TOKEN_URL_V1, account_body, admin, client, make_settings, v1_token
+from tests.conftest import TOKEN_URL_V1, account_body, admin, client, make_settings, v1_token
 
 
 async def stored_key_ids(settings: Any) -> set[str | None]:

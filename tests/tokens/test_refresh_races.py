@@ -12,8 +12,7 @@ import respx
 
 from service.errors import UpstreamUnavailable
 from service.tokens.broker import BACKGROUND_SLOTS, REFRESH_SLOTS
-
-from .conftest import (
+from tests.conftest import (
     CLIENT_SECRET,
     TOKEN_URL_V1,
     account_body,
@@ -22,7 +21,7 @@ from .conftest import (
     sql_statements,
     v1_token,
 )
-from .test_tokens import Held, create, form, stored_refresh_token
+from tests.tokens.test_tokens import Held, create, form, stored_refresh_token
 
 
 async def test_slow_azure_leaves_the_pool_to_probes_and_admins(running: Any, azure: respx.MockRouter) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .conftest import account_body, admin
+from tests.conftest import account_body, admin
 
 
 async def test_create_and_read_account(running: Any) -> None:

@@ -32,9 +32,8 @@ from service.accounts import repository as accounts_repo
 from service.kit import sealing
 from service.kit.crypto import Keyring, generate_key
 from service.kit.db import create_sessionmaker
-
-from .fake_idp import account_body, running_fake_idp
-from .replicas import ReplicaSet, broker_env, migrate
+from tests.fake_idp import account_body, running_fake_idp
+from tests.replicas import ReplicaSet, broker_env, migrate
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.mysql]
 

@@ -24,8 +24,7 @@ from sqlalchemy import MetaData, select
 from service import background, migrate
 from service.keys.service import load_principals
 from service.models import ApiKey, Event
-
-from .conftest import (
+from tests.conftest import (
     ADMIN_KEY,
     CLIENT_KEY,
     TOKEN_URL_V1,

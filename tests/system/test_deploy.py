@@ -24,7 +24,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv_utils
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 

@@ -27,8 +27,7 @@ import respx
 from service import logconfig, migrate
 from service.logconfig import JsonFormatter
 from service.settings import Settings
-
-from .conftest import (
+from tests.conftest import (
     ADMIN_KEY,
     API_URL,
     CLIENT_KEY,

@@ -32,8 +32,7 @@ from service.metrics import Metrics
 from service.models import Event, Lease
 from service.settings import Settings
 from service.webhooks.service import CURSOR, LEASE, Notifier, check_url, lease_ttl
-
-from .conftest import (
+from tests.conftest import (
     CLIENT_SECRET,
     REFRESH_TOKEN,
     TOKEN_URL_V1,

@@ -9,8 +9,7 @@ import pytest
 
 from service.kit import sealing
 from service.models import Account
-
-from .conftest import CLIENT_SECRET, REFRESH_TOKEN, account_body, admin, client
+from tests.conftest import CLIENT_SECRET, REFRESH_TOKEN, account_body, admin, client
 
 SECRETS = (CLIENT_SECRET, REFRESH_TOKEN)
 

@@ -23,8 +23,7 @@ import httpx
 import respx
 
 from service import migrate
-
-from .conftest import (
+from tests.conftest import (
     ADMIN_KEY,
     API_URL,
     CLIENT_KEY,

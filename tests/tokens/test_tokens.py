@@ -15,8 +15,7 @@ import respx
 from service.accounts import repository as accounts_repo
 from service.kit import sealing, timeutil
 from service.models import Account
-
-from .conftest import (
+from tests.conftest import (
     API_URL,
     CLIENT_SECRET,
     REFRESH_TOKEN,

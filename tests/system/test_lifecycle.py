@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 
 from service.kit.crypto import generate_key
-
-from .fake_idp import account_body, running_fake_idp
-from .replicas import REPO_ROOT, broker_env, free_port, migrate
+from tests.fake_idp import account_body, running_fake_idp
+from tests.replicas import REPO_ROOT, broker_env, free_port, migrate
 
 STOP_LIMIT = 15.0  # the contract: drained and gone within 15 s of SIGTERM
 REFUSE_LIMIT = 10.0  # a refusal is immediate: no retrying, no waiting on a database

@@ -100,8 +100,7 @@ async def test_app_refuses_to_start_when_schema_is_behind(
     import pytest
 
     from service.errors import ConfigurationError
-
-    from .conftest import make_settings
+    from tests.conftest import make_settings
 
     settings = make_settings(database_url, tmp_path)
     with pytest.raises(ConfigurationError, match="token-broker migrate"):

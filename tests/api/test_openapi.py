@@ -14,10 +14,9 @@ import httpx
 import yaml
 
 from service.openapi import document
+from tests.conftest import ADMIN_KEY, require
 
-from .conftest import ADMIN_KEY, require
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_committed_openapi_yaml_matches_the_app() -> None:

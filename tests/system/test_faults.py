@@ -28,10 +28,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service.kit.crypto import Keyring, generate_key
 from service.models import Account, AccountState, Event
-
-from .conftest import require
-from .fake_idp import account_body, running_fake_idp
-from .faults import (
+from tests.conftest import require
+from tests.fake_idp import account_body, running_fake_idp
+from tests.faults import (
     BACKOFF_MAX,
     IDP_TIMEOUT,
     LATENCY_SLACK,
@@ -54,7 +53,7 @@ from .faults import (
     scaled,
     wait_for,
 )
-from .replicas import REPO_ROOT, ReplicaSet, migrate
+from tests.replicas import REPO_ROOT, ReplicaSet, migrate
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.mysql]
 
@@ -513,7 +512,7 @@ async def test_key_rotation_under_load(mysql_url: str, tmp_path: Path) -> None:
 
 # -- 6. load -------------------------------------------------------------------------------------
 
-LOAD_TTL, LOAD_MIN_TTL, LOAD_MARGIN = 75, 70, 72  # see tests/test_multiprocess.py: refresh every 3-5 s
+LOAD_TTL, LOAD_MIN_TTL, LOAD_MARGIN = 75, 70, 72  # see tests/system/test_multiprocess.py: refresh every 3-5 s
 LOAD_EARLIEST = LOAD_TTL - LOAD_MARGIN
 LOAD_CALLERS = int(os.environ.get("BROKER_LOAD_CALLERS", "300"))
 LOAD_SECONDS = float(os.environ.get("BROKER_LOAD_SECONDS", str(10 * SCALE)))

@@ -38,8 +38,7 @@ from service.app import create_asgi
 from service.kit.outbound import OutboundPolicy
 from service.models import Account
 from service.tokens.fastpath import TokenFastPath
-
-from .conftest import (
+from tests.conftest import (
     ADMIN_KEY,
     API_URL,
     CLIENT_KEY,
@@ -54,7 +53,7 @@ from .conftest import (
     v1_token,
 )
 
-OPENAPI_YAML = Path(__file__).resolve().parent.parent / "openapi.yaml"
+OPENAPI_YAML = Path(__file__).resolve().parents[2] / "openapi.yaml"
 PROBLEM = "application/problem+json"
 WHOAMI = f"{API_URL}/WhoAmI"
 IDS = {

@@ -15,12 +15,14 @@ import httpx
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
-from service import background, bootstrap
+from service import bootstrap
 from service.accounts import endpoints as accounts
+from service.accounts.credentials import AccountSecrets
 from service.accounts.service import AccountService
 from service.api import problems
 from service.api.middleware import AccessLog, BodyLimit, RequireKey
 from service.authorization import endpoints as oauth
+from service.background import Background
 from service.context import Context
 from service.health import endpoints as health
 from service.idp.azure_ad import AzureADClient
@@ -67,7 +69,10 @@ async def build_context(settings: Settings) -> Context:
     )
     metrics = Metrics()
     azure = AzureADClient(http, policy, timeout=settings.idp_timeout_seconds)
-    broker = TokenBroker(sessions=sessions, azure=azure, keyring=keyring, settings=settings, metrics=metrics)
+    secrets = AccountSecrets(keyring)
+    broker = TokenBroker(
+        sessions=sessions, azure=azure, keyring=keyring, secrets=secrets, settings=settings, metrics=metrics
+    )
     return Context(
         settings=settings,
         engine=engine,
@@ -79,23 +84,25 @@ async def build_context(settings: Settings) -> Context:
         azure=azure,
         metrics=metrics,
         broker=broker,
-        accounts=AccountService(sessions=sessions, keyring=keyring, policy=policy, broker=broker),
+        accounts=AccountService(sessions=sessions, keyring=keyring, policy=policy, listener=broker),
         keys=KeyService(sessions=sessions, keystore=keystore),
+        secrets=secrets,
+        background=Background(
+            settings=settings, sessions=sessions, keystore=keystore, broker=broker, metrics=metrics
+        ),
     )
 
 
-async def close_context(
-    ctx: Context, tasks: list[asyncio.Task[None]], notifier: webhooks.Notifier | None = None
-) -> None:
+async def close_context(ctx: Context, tasks: list[asyncio.Task[None]]) -> None:
     """Stop the background work, then let what may wait on the database or Azure finish side by
     side: each step is bounded (the webhook lease 2 s, key usage 3 s, refreshes in flight half
     the shutdown timeout), so after uvicorn's own wait the whole stays within the pod's grace."""
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    closing = [background.flush_key_usage(ctx), ctx.broker.close()]
-    if notifier is not None:
-        closing.append(notifier.aclose())
+    closing = [ctx.background.flush_key_usage(), ctx.broker.close()]
+    if ctx.notifier is not None:
+        closing.append(ctx.notifier.aclose())
     await asyncio.gather(*closing, return_exceptions=True)
     await ctx.http.aclose()
     await ctx.engine.dispose()
@@ -108,16 +115,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         webhook_url = webhooks.check_url(settings)  # a bad URL refuses start-up before anything opens
         ctx = await build_context(settings)
-        await background.sync_once(ctx)
+        await ctx.background.sync_once()
         await ctx.broker.preload()
         app.state.ctx = ctx
-        tasks = background.start(ctx)
-        notifier = await webhooks.start(ctx, webhook_url) if webhook_url else None
+        tasks = ctx.background.start()
+        if webhook_url:
+            ctx.notifier = await webhooks.start(
+                webhook_url, sessions=ctx.sessions, http=ctx.http, settings=settings, metrics=ctx.metrics
+            )
         try:
             yield
         finally:
-            ctx.extras["draining"] = True
-            await close_context(ctx, tasks, notifier)
+            ctx.draining = True
+            await close_context(ctx, tasks)
             app.state.ctx = None
 
     app = FastAPIOffline(

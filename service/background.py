@@ -17,15 +17,21 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
 from service.accounts.status import Status
-from service.context import Context
 from service.errors import BrokerError
 from service.keys import repository as keys_repo
 from service.keys.service import load_principals
+from service.keys.store import KeyStore
 from service.kit import timeutil
+from service.metrics import Metrics
+from service.settings import Settings
+from service.tokens.broker import TokenBroker
 
 log = logging.getLogger("service.background")
 
@@ -36,68 +42,85 @@ KEY_USAGE_EVERY_SECONDS = 60.0
 FLUSH_TIMEOUT_SECONDS = 3.0
 
 
-async def sync_once(ctx: Context) -> None:
-    mark = ctx.keystore.mark()
-    async with ctx.sessions() as session:
-        versions = await accounts_repo.account_versions(session)
-        principals = await load_principals(session)
-        counts = await accounts_repo.status_counts(session)
-    ctx.broker.apply_versions(versions)
-    ctx.keystore.replace_managed(principals, since=mark)
-    for status in Status:
-        ctx.metrics.accounts_by_status.labels(status).set(counts.get(status, 0))
-    await write_key_usage(ctx)
+@dataclass
+class Background:
+    """The periodic work, over exactly the objects it uses."""
 
+    settings: Settings
+    sessions: async_sessionmaker[AsyncSession]
+    keystore: KeyStore
+    broker: TokenBroker
+    metrics: Metrics
 
-async def write_key_usage(ctx: Context, *, every: float | None = None) -> None:
-    """``last_used_at`` and one sampled ``tokens_fetched`` event per key that was used, each
-    key at most once per ``every`` (default ``KEY_USAGE_EVERY_SECONDS``; the keys used more
-    recently wait)."""
-    usage = ctx.keystore.take_usage(every=KEY_USAGE_EVERY_SECONDS if every is None else every)
-    if not usage:
-        return
-    try:
-        async with ctx.sessions() as session, session.begin():
-            touched = {u.key_id: timeutil.from_epoch(u.last_used) for u in usage if u.key_id is not None}
-            if touched:
-                await keys_repo.touch_keys(session, touched)
-            for u in usage:
-                await accounts_repo.add_event(
-                    session,
-                    account_id=None,
-                    kind="tokens_fetched",
-                    actor=u.fingerprint,
-                    detail={
-                        "key_id": u.key_id,
-                        "requests": u.count,
-                        "last_used_at": timeutil.from_epoch(u.last_used).isoformat() + "Z",
-                    },
-                )
-    except BaseException:
-        ctx.keystore.give_back(usage)
-        raise
+    async def sync_once(self) -> None:
+        mark = self.keystore.mark()
+        async with self.sessions() as session:
+            versions = await accounts_repo.account_versions(session)
+            principals = await load_principals(session)
+            counts = await accounts_repo.status_counts(session)
+        self.broker.apply_versions(versions)
+        self.keystore.replace_managed(principals, since=mark)
+        for status in Status:
+            self.metrics.accounts_by_status.labels(status).set(counts.get(status, 0))
+        await self.write_key_usage()
 
-
-async def flush_key_usage(ctx: Context) -> None:
-    """At shutdown: the usage still pending, however recent, so a stopping replica loses none."""
-    try:
-        await asyncio.wait_for(write_key_usage(ctx, every=0.0), FLUSH_TIMEOUT_SECONDS)
-    except Exception as exc:  # noqa: BLE001 -- shutdown goes on; the loss is logged
-        log.warning("key usage not saved at shutdown", extra={"error_type": type(exc).__name__})
-
-
-async def keepalive_once(ctx: Context) -> int:
-    older_than = timeutil.utcnow() - timedelta(seconds=ctx.settings.keepalive_interval_seconds)
-    async with ctx.sessions() as session:
-        stale = await accounts_repo.stale_authorization_code_accounts(session, older_than=older_than)
-    done = 0
-    for account_id in stale:
+    async def write_key_usage(self, *, every: float | None = None) -> None:
+        """``last_used_at`` and one sampled ``tokens_fetched`` event per key that was used, each
+        key at most once per ``every`` (default ``KEY_USAGE_EVERY_SECONDS``; the keys used more
+        recently wait)."""
+        usage = self.keystore.take_usage(every=KEY_USAGE_EVERY_SECONDS if every is None else every)
+        if not usage:
+            return
         try:
-            await ctx.broker.keepalive(account_id, refreshed_before=older_than)
-            done += 1
-        except BrokerError as exc:
-            log.warning("keepalive refresh failed", extra={"account_id": account_id, "code": exc.code})
-    return done
+            async with self.sessions() as session, session.begin():
+                touched = {u.key_id: timeutil.from_epoch(u.last_used) for u in usage if u.key_id is not None}
+                if touched:
+                    await keys_repo.touch_keys(session, touched)
+                for u in usage:
+                    await accounts_repo.add_event(
+                        session,
+                        account_id=None,
+                        kind="tokens_fetched",
+                        actor=u.fingerprint,
+                        detail={
+                            "key_id": u.key_id,
+                            "requests": u.count,
+                            "last_used_at": timeutil.from_epoch(u.last_used).isoformat() + "Z",
+                        },
+                    )
+        except BaseException:
+            self.keystore.give_back(usage)
+            raise
+
+    async def flush_key_usage(self) -> None:
+        """At shutdown: the usage still pending, however recent, so a stopping replica loses none."""
+        try:
+            await asyncio.wait_for(self.write_key_usage(every=0.0), FLUSH_TIMEOUT_SECONDS)
+        except Exception as exc:  # noqa: BLE001 -- shutdown goes on; the loss is logged
+            log.warning("key usage not saved at shutdown", extra={"error_type": type(exc).__name__})
+
+    async def keepalive_once(self) -> int:
+        older_than = timeutil.utcnow() - timedelta(seconds=self.settings.keepalive_interval_seconds)
+        async with self.sessions() as session:
+            stale = await accounts_repo.stale_authorization_code_accounts(session, older_than=older_than)
+        done = 0
+        for account_id in stale:
+            try:
+                await self.broker.keepalive(account_id, refreshed_before=older_than)
+                done += 1
+            except BrokerError as exc:
+                log.warning("keepalive refresh failed", extra={"account_id": account_id, "code": exc.code})
+        return done
+
+    def start(self) -> list[asyncio.Task[None]]:
+        sync = self.settings.sync_interval_seconds
+        keep = min(3600.0, self.settings.keepalive_interval_seconds / 24)
+        return [
+            asyncio.create_task(_every(lambda: sync, self.sync_once, "sync")),
+            asyncio.create_task(
+                _every(lambda: keep * (0.5 + random.random()), self.keepalive_once, "keepalive")  # noqa: S311
+            ),
+        ]
 
 
 async def _every(seconds: Callable[[], float], work: Callable[[], Awaitable[object]], name: str) -> None:
@@ -109,14 +132,3 @@ async def _every(seconds: Callable[[], float], work: Callable[[], Awaitable[obje
             raise
         except Exception as exc:  # noqa: BLE001 - a periodic job must survive a bad round
             log.warning("%s failed", name, extra={"error_type": type(exc).__name__})
-
-
-def start(ctx: Context) -> list[asyncio.Task[None]]:
-    sync = ctx.settings.sync_interval_seconds
-    keep = min(3600.0, ctx.settings.keepalive_interval_seconds / 24)
-    return [
-        asyncio.create_task(_every(lambda: sync, lambda: sync_once(ctx), "sync")),
-        asyncio.create_task(
-            _every(lambda: keep * (0.5 + random.random()), lambda: keepalive_once(ctx), "keepalive")  # noqa: S311
-        ),
-    ]

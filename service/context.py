@@ -1,13 +1,19 @@
-"""The long-lived objects of one running app, built and closed by its lifespan."""
+"""The long-lived objects of one running app, built and closed by its lifespan.
+
+Only the wiring (``app.py``) and the edges that serve requests read it; every service is built from
+the few typed objects it uses, never from the whole context.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service.accounts.credentials import AccountSecrets
 from service.accounts.service import AccountService
+from service.background import Background
 from service.idp.azure_ad import AzureADClient
 from service.keys.service import KeyService
 from service.keys.store import KeyStore
@@ -16,6 +22,7 @@ from service.kit.outbound import OutboundPolicy
 from service.metrics import Metrics
 from service.settings import Settings
 from service.tokens.broker import TokenBroker
+from service.webhooks.service import Notifier
 
 
 @dataclass
@@ -32,4 +39,7 @@ class Context:
     broker: TokenBroker
     accounts: AccountService
     keys: KeyService
-    extras: dict[str, object] = field(default_factory=dict)
+    secrets: AccountSecrets
+    background: Background
+    notifier: Notifier | None = None
+    draining: bool = False  # set when shutdown begins: readiness fails so traffic moves away

@@ -2,14 +2,15 @@
 
 Free of FastAPI. Every change runs in one transaction: the account row (VERSION + 1), its state
 row and an event commit together or not at all, so a rejected request changes nothing. Changing
-anything a token depends on drops the cached token here and, through VERSION, on every replica.
+anything a token depends on drops the cached token here (``AccountListener``) and, through VERSION,
+on every replica.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -21,7 +22,6 @@ from service.kit import sealing, timeutil
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy, OutboundURLError
 from service.models import Account, AccountState, Event
-from service.tokens.broker import TokenBroker
 
 URL_FIELDS = ("authorization_url", "token_url", "api_url")
 # Fields a token depends on: changing one makes the cached token and the last error moot.
@@ -83,6 +83,19 @@ def event_out(event: Event) -> EventOut:
     )
 
 
+class AccountListener(Protocol):
+    """Who must hear of a committed change (the token broker): this module writes no one else's state."""
+
+    def account_changed(
+        self,
+        account_id: str,
+        *,
+        credentials: bool = False,
+        deleted: bool = False,
+        default: bool | None = None,
+    ) -> None: ...
+
+
 class AccountService:
     def __init__(
         self,
@@ -90,12 +103,12 @@ class AccountService:
         sessions: async_sessionmaker[AsyncSession],
         keyring: Keyring,
         policy: OutboundPolicy,
-        broker: TokenBroker,
+        listener: AccountListener,
     ) -> None:
         self._sessions = sessions
         self._keyring = keyring
         self._policy = policy
-        self._broker = broker
+        self._listener = listener
 
     def check_urls(self, values: Mapping[str, Any]) -> None:
         errors: list[dict[str, Any]] = []
@@ -151,7 +164,7 @@ class AccountService:
                 detail={"name": data.name, "grant_type": data.grant_type},
             )
         if data.default_account:
-            self._broker.default_account_id = account_id
+            self._listener.account_changed(account_id, default=True)
         return to_out(account, state)
 
     async def page(self, *, limit: int, offset: int) -> list[AccountOut]:
@@ -212,10 +225,11 @@ class AccountService:
             )
             row = await repo.get_account(session, account_id)
             assert row is not None
-        if CREDENTIAL_FIELDS & changes.keys():
-            self._broker.forget(account_id)
-        if "default_account" in changes:
-            self._broker.default_account_id = account_id if changes["default_account"] else None
+        self._listener.account_changed(
+            account_id,
+            credentials=bool(CREDENTIAL_FIELDS & changes.keys()),
+            default=bool(changes["default_account"]) if "default_account" in changes else None,
+        )
         return to_out(*row)
 
     def _columns(self, account_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,9 +282,7 @@ class AccountService:
                 raise AccountNotFound(account_id)
             await repo.delete_account(session, account_id)
             await repo.add_event(session, account_id=account_id, kind="deleted", actor=actor)
-        self._broker.forget(account_id)
-        if self._broker.default_account_id == account_id:
-            self._broker.default_account_id = None
+        self._listener.account_changed(account_id, deleted=True)
 
     async def events(self, account_id: str, *, limit: int, offset: int) -> list[EventOut]:
         async with self._sessions() as session:

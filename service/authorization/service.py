@@ -28,6 +28,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
+from service.accounts.credentials import AccountSecrets
 from service.accounts.schemas import AccountOut
 from service.accounts.service import AccountService
 from service.authorization import repository as repo
@@ -187,6 +188,7 @@ class AuthorizationService:
         keyring: Keyring,
         azure: AzureADClient,
         broker: TokenBroker,
+        secrets: AccountSecrets,
         accounts: AccountService,
         http: httpx.AsyncClient,
         policy: OutboundPolicy,
@@ -196,6 +198,7 @@ class AuthorizationService:
         self._keyring = keyring
         self._azure = azure
         self._broker = broker
+        self._secrets = secrets
         self._accounts = accounts
         self._http = http
         self._policy = policy
@@ -208,6 +211,7 @@ class AuthorizationService:
             keyring=ctx.keyring,
             azure=ctx.azure,
             broker=ctx.broker,
+            secrets=ctx.secrets,
             accounts=ctx.accounts,
             http=ctx.http,
             policy=ctx.policy,
@@ -225,7 +229,7 @@ class AuthorizationService:
         account, _ = await self._load(account_id)
         state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)
         url = self._azure.authorization_url(
-            self._broker.credentials(account, with_secret=False),
+            self._secrets.credentials(account, with_secret=False),
             redirect_uri=redirect,
             state=state,
             code_challenge=s256(verifier),
@@ -267,7 +271,7 @@ class AuthorizationService:
                 f"This authorization is unknown{whose}, expired (they last {PENDING_TTL.seconds // 60} "
                 f"minutes) or already used; to start again, {START_AGAIN}."
             )
-        verifier = self._broker.unseal(sealing.CODE_VERIFIER, pending.state_hash, pending.code_verifier)
+        verifier = self._secrets.unseal(sealing.CODE_VERIFIER, pending.state_hash, pending.code_verifier)
         return Claim(pending.account_id, pending.redirect_uri, verifier or None)
 
     async def complete(
@@ -321,7 +325,7 @@ class AuthorizationService:
         account, _ = await self._load(account_id)
         try:
             grant = await self._azure.redeem_code(
-                self._broker.credentials(account),
+                self._secrets.credentials(account),
                 code=code,
                 redirect_uri=redirect_uri,
                 code_verifier=verifier,

@@ -26,7 +26,7 @@ async def healthz() -> dict[str, str]:
 async def readyz(ctx: Ctx) -> Response:
     # Azure AD is deliberately not consulted: an outage there must not take every replica out
     # of rotation while cached tokens can still be served.
-    if ctx.extras.get("draining"):
+    if ctx.draining:
         return _answer(503, "draining", "The process is shutting down.")
     try:
         revision = await current_revision(ctx.engine)

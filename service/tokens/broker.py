@@ -46,6 +46,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
+from service.accounts.credentials import AccountSecrets
 from service.accounts.status import Status
 from service.errors import (
     AccountNotFound,
@@ -59,7 +60,7 @@ from service.errors import (
 from service.idp.azure_ad import AzureADClient, ClientCredentials, TokenGrant
 from service.kit import sealing, timeutil
 from service.kit.backoff import exp_jitter
-from service.kit.crypto import DecryptionError, Keyring
+from service.kit.crypto import Keyring
 from service.kit.db import POOL_SIZE
 from service.metrics import Metrics
 from service.models import Account, AccountState
@@ -107,6 +108,7 @@ class TokenBroker:
         sessions: async_sessionmaker[AsyncSession],
         azure: AzureADClient,
         keyring: Keyring,
+        secrets: AccountSecrets,
         settings: Settings,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
@@ -115,6 +117,7 @@ class TokenBroker:
         self._sessions = sessions
         self._azure = azure
         self._keyring = keyring
+        self._secrets = secrets
         self._settings = settings
         self._metrics = metrics
         self.clock = clock
@@ -387,8 +390,8 @@ class TokenBroker:
     def _asked_with(self, account: Account, state: AccountState) -> Asked:
         refresh_token = ""
         if state.grant_type == "authorization_code":
-            refresh_token = self.unseal(sealing.REFRESH_TOKEN, account.id, account.refresh_token) or ""
-        return state.grant_type, self.credentials(account), refresh_token
+            refresh_token = self._secrets.refresh_token(account)
+        return state.grant_type, self._secrets.credentials(account), refresh_token
 
     async def _still_current(
         self,
@@ -546,35 +549,12 @@ class TokenBroker:
         if not state.access_token or state.token_expires_at is None:
             return None
         try:
-            token = self.unseal(sealing.ACCESS_TOKEN, account.id, state.access_token)
+            token = self._secrets.unseal(sealing.ACCESS_TOKEN, account.id, state.access_token)
         except StorageUnavailable:
             return None
         obtained = timeutil.to_epoch(state.last_refreshed_at) if state.last_refreshed_at else 0.0
         expires = timeutil.to_epoch(state.token_expires_at)
         return self._entry(account.id, token or "", expires, account.version or 0, account.api_url, obtained)
-
-    def credentials(self, account: Account, *, with_secret: bool = True) -> ClientCredentials:
-        return ClientCredentials(
-            tenant_id=account.tenant_id,
-            client_id=account.client_id,
-            client_secret=self.unseal(sealing.CLIENT_SECRET, account.id, account.client_secret)
-            if with_secret
-            else None,
-            token_url=account.token_url,
-            authorization_url=account.authorization_url,
-            api_url=account.api_url,
-        )
-
-    def unseal(self, column: str, row_id: str, stored: str | None) -> str | None:
-        try:
-            return sealing.unseal(self._keyring, column, row_id, stored)
-        except DecryptionError as exc:
-            log.error("cannot decrypt stored secret", extra={"account_id": row_id, "reason": str(exc)})
-            raise StorageUnavailable(
-                f"A stored secret of this account cannot be decrypted (key id {exc.key_id}); "
-                "check BROKER_ENCRYPTION_KEYS.",
-                reason="decryption_failed",
-            ) from None
 
     def _store(self, entry: CachedToken) -> None:
         current = self.cache.get(entry.account_id)
@@ -620,6 +600,24 @@ class TokenBroker:
         self._holds.pop(account_id, None)
         self._forced.pop(account_id, None)
         self._metrics.cache_size.set(len(self.cache))
+
+    def account_changed(
+        self,
+        account_id: str,
+        *,
+        credentials: bool = False,
+        deleted: bool = False,
+        default: bool | None = None,
+    ) -> None:
+        """What the accounts feature tells the broker after it committed a change: a deleted account
+        or new credentials void the cached token and holds; ``default`` moves the default here
+        (True) or away from here (False)."""
+        if deleted or credentials:
+            self.forget(account_id)
+        if default:
+            self.default_account_id = account_id
+        elif (default is False or deleted) and self.default_account_id == account_id:
+            self.default_account_id = None
 
     def apply_versions(self, versions: list[tuple[str, int, bool]]) -> None:
         """Drop cached tokens and holds of accounts deleted or changed elsewhere; learn the default."""

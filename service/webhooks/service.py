@@ -47,7 +47,6 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
-from service.context import Context
 from service.errors import ConfigurationError
 from service.kit.backoff import exp_jitter
 from service.kit.jsonutil import dumps
@@ -366,15 +365,19 @@ class Notifier:
         return message if isinstance(message, str) and detail.get("code") == code else None
 
 
-async def start(ctx: Context, url: str) -> Notifier:
+async def start(
+    url: str,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+    settings: Settings,
+    metrics: Metrics,
+) -> Notifier:
     """Start delivering to ``url`` (from ``check_url``); close with ``Notifier.aclose()``."""
-    notifier = Notifier(
-        url=url, sessions=ctx.sessions, http=ctx.http, settings=ctx.settings, metrics=ctx.metrics
-    )
+    notifier = Notifier(url=url, sessions=sessions, http=http, settings=settings, metrics=metrics)
     try:
         await notifier.prime()
     except SQLAlchemyError as exc:  # the loop primes it later; start-up need not fail for this
         log.warning("webhook cursor not created yet", extra={"error_type": type(exc).__name__})
     notifier.start()
-    ctx.extras["webhooks"] = notifier
     return notifier

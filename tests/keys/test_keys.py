@@ -187,7 +187,7 @@ async def test_patch_changes_name_and_accounts(running: Running, idp: respx.Mock
     assert await answers() == (200, 200)
 
     # ...and the stored state says the same after a reload from the database.
-    await background.sync_once(running.ctx)
+    await running.ctx.background.sync_once()
     assert await answers() == (200, 200)
     shown = (await running.client.get(f"/keys/{key['id']}", headers=admin())).json()
     assert (shown["name"], shown["accounts"]) == ("after", sorted([a, b]))
@@ -210,7 +210,7 @@ async def test_delete_revokes_at_once_on_fast_and_slow_path(running: Running, id
         assert "access_token" not in r.text
         assert r.headers["www-authenticate"].startswith("Bearer")
     # A reload from the database does not bring it back, and other keys still get the token.
-    await background.sync_once(running.ctx)
+    await running.ctx.background.sync_once()
     assert (await token(running, key["key"], cached)).status_code == 401
     assert fast_path(await token(running, CLIENT_KEY, cached))
     assert (await running.client.get(f"/keys/{key['id']}", headers=admin())).status_code == 404
@@ -352,7 +352,7 @@ async def test_keys_are_random_hashed_and_never_shown_stored_or_logged(
     later.append(await running.client.get("/keys", headers=bearer(raws[1])))
     later.append(await running.client.get("/keys", headers=bearer(raws[0])))  # 403
     later.append(await running.client.get("/keys", headers=bearer(raws[0] + "x")))  # 401
-    await background.sync_once(running.ctx)  # writes last_used_at and the usage events
+    await running.ctx.background.sync_once()  # writes last_used_at and the usage events
     assert all(r.status_code in (200, 401, 403) for r in later)
 
     # Not in any response after creation (bodies and headers).
@@ -465,7 +465,7 @@ async def test_deleting_an_account_removes_it_from_every_scope(
         assert running.ctx.keystore.lookup(k1["key"]).accounts == frozenset({b})
         assert running.ctx.keystore.lookup(k2["key"]).accounts == frozenset()
         assert (await token(running, k1["key"], b)).status_code == 200
-        await background.sync_once(running.ctx)
+        await running.ctx.background.sync_once()
 
 
 # -- property: every (key, account) pair ----------------------------------------------------------
@@ -517,7 +517,7 @@ async def test_every_key_account_pair_answers_as_its_scope_says(
         created_ids.append(created["id"])
         keys.append((created["key"], None if allowed is None else frozenset(allowed)))
     if reader is not writer:
-        await background.sync_once(reader.ctx)
+        await reader.ctx.background.sync_once()
     default_id = None if default is None else accounts[default]
     try:
         # Cold first (the slow path for whichever key asks first), then all warm (the fast path).
@@ -542,7 +542,7 @@ async def test_every_key_account_pair_answers_as_its_scope_says(
         for account_id in accounts:
             assert (await writer.client.delete(f"/accounts/{account_id}", headers=admin())).status_code == 204
         if reader is not writer:
-            await background.sync_once(reader.ctx)
+            await reader.ctx.background.sync_once()
 
 
 # -- two replicas on MariaDB ----------------------------------------------------------------------
@@ -653,7 +653,7 @@ async def test_last_used_at_and_sampled_usage_at_most_once_a_minute(
     assert await _last_used(running, key["id"]) is None
     for _ in range(3):
         assert fast_path(await token(running, key["key"], account_id))
-    await background.sync_once(running.ctx)
+    await running.ctx.background.sync_once()
     first = await _last_used(running, key["id"])
     assert first is not None
     events = await _usage_events(running, key["id"])
@@ -666,19 +666,19 @@ async def test_last_used_at_and_sampled_usage_at_most_once_a_minute(
     for _ in range(2):
         assert fast_path(await token(running, key["key"], account_id))
     for _ in range(3):
-        await background.sync_once(running.ctx)
+        await running.ctx.background.sync_once()
     assert await _last_used(running, key["id"]) == first
     assert [e["requests"] for e in await _usage_events(running, key["id"])] == [3]
 
     # Once the minute is over (here: made zero), the pending use and its count are written.
     monkeypatch.setattr(background, "KEY_USAGE_EVERY_SECONDS", 0.0)
-    await background.sync_once(running.ctx)
+    await running.ctx.background.sync_once()
     later = await _last_used(running, key["id"])
     assert later is not None
     assert later > first
     assert [e["requests"] for e in await _usage_events(running, key["id"])] == [3, 2]
     # Nothing used since: nothing more written.
-    await background.sync_once(running.ctx)
+    await running.ctx.background.sync_once()
     assert len(await _usage_events(running, key["id"])) == 2
 
 
@@ -690,12 +690,12 @@ async def test_usage_pending_at_shutdown_is_written(
         account_id = await new_account(running)
         key = await new_key(running, [account_id])
         assert (await token(running, key["key"], account_id)).status_code == 200
-        await background.sync_once(running.ctx)
+        await running.ctx.background.sync_once()
         first = await _last_used(running, key["id"])
         await asyncio.sleep(1.1)  # TIMESTAMP columns may have one-second resolution
         for _ in range(4):
             assert fast_path(await token(running, key["key"], account_id))
-        await background.sync_once(running.ctx)  # within the minute: nothing written yet
+        await running.ctx.background.sync_once()  # within the minute: nothing written yet
         assert await _last_used(running, key["id"]) == first
     async with run_app(settings) as again:
         later = await _last_used(again, key["id"])
@@ -715,14 +715,14 @@ async def test_shutdown_does_not_wait_for_a_database_that_does_not_answer(
     """The flush at shutdown is bounded: a hung database costs the pending usage, not the shutdown."""
     monkeypatch.setattr(background, "FLUSH_TIMEOUT_SECONDS", 0.2)
 
-    async def hung(_ctx: Any, **_kw: Any) -> None:
+    async def hung(**_kw: Any) -> None:
         await asyncio.sleep(3600)
 
     async with run_app(settings) as running:
         account_id = await new_account(running)
         key = await new_key(running, [account_id])
         assert (await token(running, key["key"], account_id)).status_code == 200
-        monkeypatch.setattr(background, "write_key_usage", hung)
+        monkeypatch.setattr(running.ctx.background, "write_key_usage", hung)
         started = time.monotonic()
     assert time.monotonic() - started < 5
     assert any(r.getMessage() == "key usage not saved at shutdown" for r in caplog.records)

@@ -443,8 +443,6 @@ async def test_keepalive_refreshes_idle_accounts_once(
     """An account idle past the keepalive interval is refreshed once, even with two replicas at it."""
     from datetime import timedelta
 
-    from service.background import keepalive_once
-
     route = azure.post(TOKEN_URL_V1)
     route.side_effect = [
         httpx.Response(200, json=v1_token("a", "rt-2")),
@@ -454,14 +452,14 @@ async def test_keepalive_refreshes_idle_accounts_once(
         account_id = await create(one)
         client_only = await create(one, grant_type="client_credentials", refresh_token=None)
         assert (await one.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
-        assert await keepalive_once(one.ctx) == 0  # refreshed just now: nothing to do
+        assert await one.ctx.background.keepalive_once() == 0  # refreshed just now: nothing to do
         async with one.ctx.sessions() as session:
             old = timeutil.utcnow() - timedelta(days=2)
             await accounts_repo.update_state(session, account_id, {"last_refreshed_at": old})
             await session.commit()
         # Two replicas at once on MySQL (the row lock decides); SQLite serves one process only.
         replicas = [one.ctx] if settings.is_sqlite else [one.ctx, two.ctx]
-        done = await asyncio.gather(*(keepalive_once(ctx) for ctx in replicas))
+        done = await asyncio.gather(*(ctx.background.keepalive_once() for ctx in replicas))
         assert sum(done) >= 1
         assert route.call_count == 2
         assert await stored_refresh_token(one, account_id) == "rt-3"

@@ -316,7 +316,7 @@ async def test_stopping_hands_the_lease_on(
     async with run_app(hook_settings) as running:
         await drained(hook_settings)
         holder, expires = (await leases(hook_settings))[LEASE]
-        assert holder == running.ctx.extras["webhooks"].holder
+        assert holder == running.ctx.notifier.holder
         assert expires > timeutil.utcnow()
     _, expires = (await leases(hook_settings))[LEASE]
     assert expires <= timeutil.utcnow()
@@ -466,7 +466,7 @@ def test_an_internal_host_needs_no_allowed_hosts_entry(tmp_path: Path) -> None:
 
 async def test_without_a_webhook_nothing_runs(running: Any) -> None:
     """No BROKER_WEBHOOK_URL: no notifier, no lease, no cursor."""
-    assert "webhooks" not in running.ctx.extras
+    assert running.ctx.notifier is None
     assert not {LEASE, CURSOR} & set(await leases(running.settings))
 
 

@@ -23,20 +23,23 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from service import migrate
 from service.app import create_app, wrap
-from service.kit.crypto import generate_key
 from service.settings import Settings
-
-ADMIN_KEY = "test-admin-key-0123456789abcdef"
-CLIENT_KEY = "test-client-key-0123456789abcdef"
-ENCRYPTION_KEY = generate_key()
-TENANT = "7f3b7d01-a049-4dfd-9dbd-d394e711c3a0"
-TOKEN_URL_V1 = f"https://login.microsoftonline.com/{TENANT}/oauth2/token"
-TOKEN_URL_V2 = f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token"
-AUTHORIZE_URL_V1 = f"https://login.microsoftonline.com/{TENANT}/oauth2/authorize"
-AUTHORIZE_URL_V2 = f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/authorize"
-API_URL = "https://contoso.crm.dynamics.com/api/data/v9.2"
-CLIENT_SECRET = "s3cr3t-Client-Value~abc.123"
-REFRESH_TOKEN = "0.ARwA-refresh-token-initial-value"
+from tests.helpers import (  # noqa: F401 -- re-exported: tests import them from here
+    ADMIN_KEY,
+    API_URL,
+    AUTHORIZE_URL_V1,
+    AUTHORIZE_URL_V2,
+    CLIENT_KEY,
+    CLIENT_SECRET,
+    ENCRYPTION_KEY,
+    REFRESH_TOKEN,
+    TENANT,
+    TOKEN_URL_V1,
+    TOKEN_URL_V2,
+    account_body,
+    admin,
+    client,
+)
 
 
 def in_ci() -> bool:
@@ -50,29 +53,6 @@ def require(condition: bool, reason: str) -> None:
     if in_ci():
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
-
-
-def account_body(**overrides: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "name": f"contoso-{uuid.uuid4().hex[:8]}",
-        "tenant_id": TENANT,
-        "client_id": "dc40e7c1-86fa-484e-a38b-bec0d31c945a",
-        "client_secret": CLIENT_SECRET,
-        "refresh_token": REFRESH_TOKEN,
-        "authorization_url": AUTHORIZE_URL_V1,
-        "token_url": TOKEN_URL_V1,
-        "api_url": API_URL,
-    }
-    body.update(overrides)
-    return body
-
-
-def admin() -> dict[str, str]:
-    return {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def client() -> dict[str, str]:
-    return {"Authorization": f"Bearer {CLIENT_KEY}"}
 
 
 async def _mysql_reachable(url: str) -> bool:

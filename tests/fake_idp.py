@@ -36,6 +36,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from tests import helpers
+
 TOKEN_MODES = ("down", "throttle", "slow", "garbage", "invalid_client", "hold")  # act on token calls only
 MODES = ("normal", *TOKEN_MODES, "deny_authorize", "whoami_forbidden")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -536,17 +538,14 @@ def account_body(
     **extra: Any,
 ) -> dict[str, Any]:
     """A ``POST /accounts`` body whose URLs point at this fake (v1 endpoints, or v2 with ``v2``)."""
-    style = "/v2.0" if v2 else ""
-    return {
-        "tenant_id": tenant,
-        "client_id": client_id,
-        "client_secret": client_secret,
-        "refresh_token": refresh_token,
-        "authorization_url": f"{fake_url}/{tenant}/oauth2{style}/authorize",
-        "token_url": f"{fake_url}/{tenant}/oauth2{style}/token",
-        "api_url": f"{fake_url}/api/data/v9.2",
+    return helpers.account_body(
+        tenant_id=tenant,
+        client_id=client_id,
+        client_secret=client_secret,
+        refresh_token=refresh_token,
+        **helpers.fake_urls(fake_url, tenant=tenant, v2=v2),
         **extra,
-    }
+    )
 
 
 @contextlib.contextmanager

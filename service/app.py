@@ -37,6 +37,7 @@ from service.tokens import endpoints as tokens
 from service.tokens.broker import TokenBroker
 from service.tokens.fastpath import TokenFastPath
 from service.webhooks import service as webhooks
+from service.webhooks.delivery import check_url
 
 log = logging.getLogger("service.app")
 
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        webhook_url = webhooks.check_url(settings)  # a bad URL refuses start-up before anything opens
+        webhook_url = check_url(settings)  # a bad URL refuses start-up before anything opens
         ctx = await build_context(settings)
         await ctx.background.sync_once()
         await ctx.broker.preload()

@@ -58,9 +58,9 @@ async def _preflight(settings: Settings) -> None:
     and exit status 2 in ``main`` (inside the lifespan uvicorn would print a traceback, exit 3)."""
     from service import bootstrap
     from service.kit.db import create_engine, create_sessionmaker
-    from service.webhooks import service as webhooks
+    from service.webhooks.delivery import check_url
 
-    webhooks.check_url(settings)
+    check_url(settings)
     keyring = bootstrap.load_keyring(settings)
     bootstrap.load_admin_keys(settings)
     engine = create_engine(settings)

@@ -1,4 +1,4 @@
-"""Webhook notifications of account status changes, delivered by one replica at a time.
+"""The webhook outbox: account status changes, delivered in order by one replica at a time.
 
 The outbox is the ``broker_events`` table: the broker and the account service write a
 ``status_changed`` event in the same transaction as the change, so a notification goes out only
@@ -15,21 +15,17 @@ for a change that committed, and none is lost when a replica dies. Invariants:
 * MySQL hands out ids at insert, not at commit: a gap in ids may be a transaction still
   committing, so the loop waits up to ``webhook_gap_grace_seconds`` for it before moving past
   (a rolled-back insert leaves a gap that never fills). SQLite has one writer: no such wait.
-* A failed delivery (no 2xx, a redirect, a timeout) is retried with exponential backoff and
+* A failed delivery (``delivery.py``: no 2xx, a redirect, a timeout) is retried with exponential backoff and
   jitter, at most ``webhook_max_attempts`` times, then given up (logged, counted ``gave_up``);
   later events wait behind it, so receivers see changes in order.
 * The body is built from a fixed set of fields (ids, name, statuses, an error code and Azure's
-  sanitised message): never a secret or token. It is signed with HMAC-SHA256 over
-  ``<timestamp>.<body>``. The URL is never logged (some webhook URLs carry a secret in their
-  path), redirects are never followed, and each POST is bounded by a timeout.
+  sanitised message): never a secret or token. Signing and sending are ``delivery.py``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import logging
 import random
@@ -40,21 +36,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
-from service.errors import ConfigurationError
 from service.kit.backoff import exp_jitter
 from service.kit.jsonutil import dumps
-from service.kit.outbound import OutboundPolicy, OutboundURLError
 from service.metrics import Metrics
 from service.models import Event
 from service.settings import Settings
 from service.webhooks import repository as repo
+from service.webhooks.delivery import Delivery
 
 log = logging.getLogger("service.webhooks")
 
@@ -68,30 +62,6 @@ NEVER = datetime(9999, 12, 31)
 # A refresh_failed event written with the status change (same transaction) gives the message.
 MESSAGE_WINDOW = timedelta(seconds=5)
 MAX_MESSAGE = 1024
-
-
-def check_url(settings: Settings) -> str | None:
-    """``BROKER_WEBHOOK_URL`` when set and acceptable, None when unset; ``ConfigurationError`` else."""
-    url = settings.webhook_url
-    if not url:
-        return None
-    # Not checked against BROKER_ALLOWED_HOSTS on purpose: that list names where the broker may send
-    # client secrets and refresh tokens (Microsoft's hosts). A webhook carries neither, is set by the
-    # operator (not by an API caller) and usually points at an internal host that does not belong on
-    # that list. Every other outbound rule holds: https unless BROKER_ALLOW_HTTP, no user name or
-    # password, no fragment, and (in ``_post``) no redirects followed. Checked once, at start-up:
-    # the URL comes from the environment and cannot change while the process runs.
-    try:
-        host = (urlsplit(url).hostname or "").rstrip(".")
-        return OutboundPolicy([host] if host else [], settings.allow_http).check(url)
-    except (OutboundURLError, ValueError) as exc:
-        # The URL itself is not echoed: its path may be a secret.
-        raise ConfigurationError(f"BROKER_WEBHOOK_URL {exc}; fix it or unset it.") from None
-
-
-def sign(secret: bytes, timestamp: str, body: bytes) -> str:
-    """The ``X-Broker-Signature`` value: HMAC-SHA256 over ``<timestamp>.<body>``, hex."""
-    return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
 def lease_ttl(settings: Settings) -> timedelta:
@@ -142,15 +112,17 @@ class Notifier:
         rng: Callable[[], float] = random.random,
     ) -> None:
         assert settings.webhook_secret is not None  # the settings validator insists on it
-        self._url = url
-        self._host = urlsplit(url).hostname
-        self._secret = settings.webhook_secret.get_secret_value().encode()
+        self._delivery = Delivery(
+            url,
+            secret=settings.webhook_secret.get_secret_value().encode(),
+            http=http,
+            timeout=settings.webhook_timeout_seconds,
+            wall=wall,
+        )
         self._sessions = sessions
-        self._http = http
         self._settings = settings
         self._metrics = metrics
-        self._clock, self._wall, self._rng = clock, wall, rng
-        self._timeout = httpx.Timeout(settings.webhook_timeout_seconds)
+        self._clock, self._rng = clock, rng
         self._ttl = lease_ttl(settings)
         self._grace = 0.0 if settings.is_sqlite else settings.webhook_gap_grace_seconds
         self.holder = replica_id()
@@ -241,14 +213,14 @@ class Notifier:
         if self._clock() < head.next_try:
             return False
         head.attempts += 1
-        status, error = await self._post(head)
+        status, error = await self._delivery.post(head.event_id, head.body)
         where = {"account_id": head.account_id, "to_status": head.to_status, "attempt": head.attempts}
         if status is not None and 200 <= status < 300:
             self._metrics.webhook_deliveries.labels("delivered").inc()
             log.info("webhook event %d delivered", head.event_id, extra={**where, "status": status})
             self._head = None
             return True
-        why = {"status": status, "error_type": error, "host": self._host}
+        why = {"status": status, "error_type": error, "host": self._delivery.host}
         if head.attempts >= self._settings.webhook_max_attempts:
             self._metrics.webhook_deliveries.labels("gave_up").inc()
             log.error(
@@ -271,29 +243,6 @@ class Notifier:
             cap=self._settings.webhook_backoff_max_seconds,
             rng=self._rng,
         )
-
-    async def _post(self, head: _Head) -> tuple[int | None, str | None]:
-        """(HTTP status, None) or (None, exception type). The response body is never read."""
-        timestamp = str(int(self._wall()))
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "dynamics-token-broker",
-            "X-Broker-Event-Id": str(head.event_id),
-            "X-Broker-Timestamp": timestamp,
-            "X-Broker-Signature": sign(self._secret, timestamp, head.body),
-        }
-        try:
-            async with self._http.stream(
-                "POST",
-                self._url,
-                content=head.body,
-                headers=headers,
-                timeout=self._timeout,
-                follow_redirects=False,
-            ) as response:
-                return response.status_code, None
-        except httpx.HTTPError as exc:
-            return None, type(exc).__name__
 
     async def _build(self, event: Event) -> _Head:
         detail = _detail(event)

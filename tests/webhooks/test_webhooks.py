@@ -31,7 +31,8 @@ from service.kit.db import create_engine, create_sessionmaker
 from service.metrics import Metrics
 from service.models import Event, Lease
 from service.settings import Settings
-from service.webhooks.service import CURSOR, LEASE, Notifier, check_url, lease_ttl
+from service.webhooks.delivery import check_url
+from service.webhooks.service import CURSOR, LEASE, Notifier, lease_ttl
 from tests.conftest import (
     CLIENT_SECRET,
     REFRESH_TOKEN,

@@ -34,7 +34,7 @@ async def main(
             ),
         ]
         records = await asyncio.gather(*(client.records.retrieve("account", i) for i in ids))
-        out["names"] = [r["name"] for r in records]
+        out["names"] = [r["name"] if r is not None else None for r in records]
     async with (
         AsyncBrokerCredential(broker_url, blocked_id, key=key) as credential,
         AsyncDataverseClient(dataverse_url, credential) as client,

@@ -148,7 +148,7 @@ async def test_isinstance_checks_of_azure_core_protocols() -> None:
         {"key": " "},
     ],
 )
-def test_exactly_one_key_source(auth: dict[str, str]) -> None:
+def test_exactly_one_key_source(auth: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"exactly one|empty"):
         BrokerCredential(BROKER, ACCOUNT, **auth)
 

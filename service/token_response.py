@@ -53,7 +53,8 @@ class CachedToken:
         return self.response(now)[0]
 
     def response(self, now: float) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The body and its HTTP headers, built at most once per second of remaining lifetime."""
+        """The body and its HTTP headers, rebuilt only when expires_in or refresh_in changes (each
+        once a second; refresh_at need not be a whole second before expires_at)."""
         # refresh_in: seconds until the broker would refresh this token (0 once it is due).
         left = (int(self.expires_at - now), max(0, int(self.refresh_at - now)))
         last = self._last

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import secrets
@@ -181,13 +182,18 @@ def trusting(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
     return stack
 
 
-def test_sdk_creates_and_reads_records_with_one_broker_request(trusting: Stack) -> None:
-    """20 creates and 20 reads (42 Dataverse requests with the look-ups) cost one broker request."""
+def test_sdk_creates_and_reads_records_with_one_broker_request(
+    trusting: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20 creates and 20 reads (42 Dataverse requests with the look-ups) cost one broker request;
+    nothing logged at DEBUG (SDK, httpx, httpcore, requests, this client) shows the key or token."""
     from PowerPlatform.Dataverse.client import DataverseClient
 
     stack = trusting
+    caplog.set_level(logging.DEBUG)
     account_id, client_id = stack.account()
     before_broker, before_dv = stack.broker_token_requests(), stack.dataverse_stats()["total"]
+    before_tokens = stack.dataverse_stats()["tokens"]
     with (
         BrokerCredential(stack.broker_url, account_id, key=stack.client_key) as credential,
         DataverseClient(stack.dataverse_url, credential) as client,
@@ -204,10 +210,15 @@ def test_sdk_creates_and_reads_records_with_one_broker_request(trusting: Stack) 
     assert stats["requests"]["GET PicklistAttributeMetadata"] >= 1
     assert stack.broker_token_requests() - before_broker == 1
     assert stack.idp_token_calls(client_id) == 1
+    assert len(stats["tokens"]) == len(before_tokens) + 1  # every SDK request carried the one token
+    token = _broker_token(stack, account_id)["access_token"]
+    assert caplog.records
+    assert token not in caplog.text
+    assert stack.client_key not in caplog.text
     print(f"\n{sdk_requests} Dataverse SDK requests -> 1 broker token request -> 1 Azure AD token call")
 
 
-def _broker_detail(stack: Stack, account_id: str) -> dict[str, Any]:
+def _broker_token(stack: Stack, account_id: str) -> dict[str, Any]:
     r = httpx.get(
         f"{stack.broker_url}/accounts/{account_id}/token",
         headers={"Authorization": f"Bearer {stack.client_key}"},
@@ -240,7 +251,7 @@ def test_sdk_caller_sees_what_a_person_must_do(trusting: Stack) -> None:
         err: Any = caught.value
         assert (err.code, err.status) == (code, status), str(err)
         if key == stack.client_key:
-            detail = _broker_detail(stack, account_id)["detail"]
+            detail = _broker_token(stack, account_id)["detail"]
             assert err.detail == detail
             assert detail in str(err)
         assert key not in str(err)
@@ -327,7 +338,7 @@ def test_async_sdk_concurrent_requests_share_one_broker_request(stack: Stack) ->
     assert stack.idp_token_calls(client_id) == 1
     assert out["blocked"]["type"] == "BrokerAuthenticationError"
     assert out["blocked"]["code"] == "needs_authorization"
-    assert _broker_detail(stack, blocked)["detail"] in out["blocked"]["message"]
+    assert _broker_token(stack, blocked)["detail"] in out["blocked"]["message"]
     assert "Could not reach the token broker" in out["down"]["message"]
     assert stack.client_key not in done.stdout + done.stderr
 

@@ -10,8 +10,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+$(STAMP): pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]' -e ./clients/python
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,8 +21,8 @@ run: install
 	$(BIN)/token-broker serve
 
 lint: install
-	$(BIN)/ruff check service tests bench alembic
-	$(BIN)/ruff format --check service tests bench alembic
+	$(BIN)/ruff check service tests bench alembic clients/python
+	$(BIN)/ruff format --check service tests bench alembic clients/python
 
 typecheck: install
 	$(BIN)/mypy

@@ -28,8 +28,9 @@ HEADERS = [
 LOOP_LINE = "bench.bare: event loop"
 SAMPLE_BODY = (
     b'{"access_token":"eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.' + b"x" * 300 + b'","token_type":"Bearer",'
-    b'"expires_in":3541,"expires_at":"2030-01-01T00:00:00Z","api_url":"https://contoso.crm.dynamics.com'
-    b'/api/data/v9.2","account_id":"00000000-0000-0000-0000-000000000000"}'
+    b'"expires_in":3541,"refresh_in":3241,"expires_at":"2030-01-01T00:00:00Z",'
+    b'"api_url":"https://contoso.crm.dynamics.com/api/data/v9.2",'
+    b'"account_id":"00000000-0000-0000-0000-000000000000"}'
 )
 
 

@@ -538,14 +538,15 @@ def account_body(
     **extra: Any,
 ) -> dict[str, Any]:
     """A ``POST /accounts`` body whose URLs point at this fake (v1 endpoints, or v2 with ``v2``)."""
-    return helpers.account_body(
-        tenant_id=tenant,
-        client_id=client_id,
-        client_secret=client_secret,
-        refresh_token=refresh_token,
+    fields: dict[str, Any] = {
+        "tenant_id": tenant,
+        "client_id": client_id,
+        "client_secret": client_secret,
+        "refresh_token": refresh_token,
         **helpers.fake_urls(fake_url, tenant=tenant, v2=v2),
-        **extra,
-    )
+        **extra,  # the caller's values win, the URLs included
+    }
+    return helpers.account_body(**fields)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """One account's access token as the token endpoint answers it, encoded once.
 
 The hot path (``api/fastpath.py``) sends these bytes as they are: the JSON body is built from a
-prefix and a suffix made when the token arrives, with only ``expires_in`` changing, once a second.
+prefix and a suffix made when the token arrives, with only ``expires_in`` and ``refresh_in``
+changing, once a second.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ RESPONSE_HEADERS = (
 
 @dataclass(eq=False)
 class CachedToken:
-    """One account's access token, with its response body encoded once (all but expires_in)."""
+    """One account's access token, with its response body encoded once (all but the two counters)."""
 
     account_id: str
     access_token: str = field(repr=False)
@@ -30,8 +31,10 @@ class CachedToken:
     obtained_at: float
     prefix: bytes = field(repr=False, default=b"")
     suffix: bytes = field(repr=False, default=b"")
-    # The last (seconds left, body, headers) built: the body changes once a second, not per request.
-    _last: tuple[int, bytes, list[tuple[bytes, bytes]]] = field(repr=False, default=(-1, b"", []))
+    # The last ((expires_in, refresh_in), body, headers) built: the body changes once a second.
+    _last: tuple[tuple[int, int], bytes, list[tuple[bytes, bytes]]] = field(
+        repr=False, default=((-1, -1), b"", [])
+    )
     _headers: dict[int, list[tuple[bytes, bytes]]] = field(repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -50,12 +53,14 @@ class CachedToken:
         return self.response(now)[0]
 
     def response(self, now: float) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The body and its HTTP headers, built at most once per second of remaining lifetime."""
-        left = int(self.expires_at - now)
+        """The body and its HTTP headers, rebuilt only when expires_in or refresh_in changes (each
+        once a second; refresh_at need not be a whole second before expires_at)."""
+        # refresh_in: seconds until the broker would refresh this token (0 once it is due).
+        left = (int(self.expires_at - now), max(0, int(self.refresh_at - now)))
         last = self._last
         if last[0] != left:
-            body = self.prefix + str(left).encode() + self.suffix
-            # The headers differ only by the body's length, i.e. by the digits of expires_in.
+            body = self.prefix + b'%d,"refresh_in":%d' % left + self.suffix
+            # The headers differ only by the body's length, i.e. by the digits of the counters.
             headers = self._headers.get(len(body))
             if headers is None:
                 headers = self._headers[len(body)] = [

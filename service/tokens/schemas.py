@@ -15,6 +15,12 @@ class TokenOut(BaseModel):
     access_token: str
     token_type: Literal["Bearer"] = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
     expires_in: int = Field(description="Seconds the token is still valid")
+    refresh_in: int = Field(
+        description=(
+            "Seconds until the broker would refresh this token (0 once a refresh is due): a caller "
+            "may keep the token in memory this long and should ask again after it"
+        )
+    )
     expires_at: Timestamp
     api_url: str
     account_id: str

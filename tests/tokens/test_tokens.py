@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -485,3 +486,62 @@ async def test_database_failing_after_azure_answered_serves_and_counts_the_loss(
     assert r.json()["access_token"] == "unsaved"
     assert running.ctx.metrics.refresh_token_unsaved._value.get() == 1
     assert await stored_refresh_token(running, account_id) == REFRESH_TOKEN  # rolled back, not half-written
+
+
+def test_refresh_in_counts_down_to_the_refresh_and_stops_at_zero() -> None:
+    """The pre-encoded body carries refresh_in = max(0, int(refresh_at - now)), rebuilt when it changes."""
+    from service.tokens.response import CachedToken
+
+    entry = CachedToken("acc", "tok", 1000.0, 700.5, 1, API_URL, 0.0)
+    seen = [json.loads(entry.body(now)) for now in (100.0, 100.4, 100.6, 700.4, 700.6, 990.0)]
+    assert [(b["expires_in"], b["refresh_in"]) for b in seen] == [
+        (900, 600),
+        (899, 600),
+        (899, 599),  # same expires_in, new refresh_in: the once-a-second body is rebuilt
+        (299, 0),
+        (299, 0),
+        (10, 0),
+    ]
+    body, headers = entry.response(100.6)
+    assert dict(headers)[b"content-length"] == str(len(body)).encode()
+
+
+async def test_refresh_in_on_the_route_and_the_fast_path_with_a_fake_clock(
+    running: Any, azure: respx.MockRouter
+) -> None:
+    """Miss (route) and hit (fast path) answer refresh_in from the broker's clock and refresh_at."""
+    route = azure.post(TOKEN_URL_V1)
+    route.side_effect = [
+        httpx.Response(200, json=v1_token("at-1", "rt-2", expires_in=3599)),
+        httpx.Response(200, json=v1_token("at-2", "rt-3", expires_in=3599)),
+    ]
+    broker = running.ctx.broker
+    now = [float(int(time.time()))]
+    broker.clock = lambda: now[0]
+    account_id = await create(running)
+    url = f"/accounts/{account_id}/token"
+    miss = (await running.client.get(url, headers=client())).json()
+    entry = broker.cache[account_id]
+    margin = running.ctx.settings.refresh_margin_seconds
+    assert entry.expires_at - margin <= entry.refresh_at <= entry.expires_at - 0.8 * margin
+    assert miss["refresh_in"] == int(entry.refresh_at - now[0])
+    assert miss["expires_in"] == int(entry.expires_at - now[0])
+    assert 0 < miss["refresh_in"] < miss["expires_in"]
+    now[0] += 100.0
+    hit = (await running.client.get(url, headers=client())).json()
+    assert hit["access_token"] == "at-1"
+    assert hit["refresh_in"] == int(entry.refresh_at - now[0]) == miss["refresh_in"] - 100
+    assert route.call_count == 1
+    now[0] = entry.refresh_at + 1  # due: served stale with refresh_in 0 while the refresh runs
+    stale = (await running.client.get(url, headers=client())).json()
+    assert stale["access_token"] == "at-1"
+    assert stale["refresh_in"] == 0
+    while broker._inflight:
+        await asyncio.sleep(0.01)
+    fresh = (await running.client.get(url, headers=client())).json()
+    assert fresh["access_token"] == "at-2"
+    assert fresh["refresh_in"] == max(0, int(broker.cache[account_id].refresh_at - now[0]))
+    assert set(fresh) == {"access_token", "token_type", "expires_in", "refresh_in", "expires_at"} | {
+        "api_url",
+        "account_id",
+    }

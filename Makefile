@@ -2,7 +2,9 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Two stamps: serving needs only the package; the tests add the `test` extras (mypy, schemathesis...).
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: run test install lint typecheck pytest openapi bench bench-quick reliability clean
 
@@ -10,13 +12,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml | $(BIN)/python
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(SERVE_STAMP)
+
+# The test install includes what serving needs, so it marks both as done; it adds the engines'
+# client (clients/python), whose tests run with the rest.
+$(TEST_STAMP): pyproject.toml clients/python/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]' -e ./clients/python
-	touch $(STAMP)
+	touch $(SERVE_STAMP) $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(TEST_STAMP)
 
-run: install
+run: $(SERVE_STAMP)
 	$(BIN)/token-broker migrate
 	$(BIN)/token-broker serve
 

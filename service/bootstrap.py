@@ -52,7 +52,7 @@ def load_keyring(settings: Settings) -> Keyring:
         log.warning(
             "generated an encryption key for the embedded database; back it up, or set "
             "BROKER_ENCRYPTION_KEYS",
-            extra={"file": str(path)},
+            extra={"file": str(path.resolve())},
         )
     return Keyring.from_strings([key])
 
@@ -69,7 +69,9 @@ def load_admin_keys(settings: Settings) -> list[str]:
             f"BROKER_ADMIN_KEYS is not set and {path} cannot be written ({exc.strerror}); "
             "set BROKER_ADMIN_KEYS."
         ) from None
-    log.warning(
+    # A new key is news for whoever starts the broker; an existing one is routine.
+    log.log(
+        logging.WARNING if created else logging.INFO,
         "admin API key %s; read it from that file (it is not printed)",
         "generated" if created else "loaded",
         extra={"file": str(path.resolve())},

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import uvicorn
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from service import logconfig
 from service.errors import ConfigurationError
@@ -53,22 +53,26 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-async def _preflight(settings: Settings) -> None:
+async def _preflight(settings: Settings) -> Settings:
     """Every start-up refusal, before uvicorn runs: a ``ConfigurationError`` becomes one plain line
-    and exit status 2 in ``main`` (inside the lifespan uvicorn would print a traceback, exit 3)."""
+    and exit status 2 in ``main`` (inside the lifespan uvicorn would print a traceback, exit 3).
+
+    Returns the settings to serve with, holding the admin key read (or generated) here, so the
+    app does not load the key file a second time and the log names it once."""
     from service import bootstrap
     from service.kit.db import create_engine, create_sessionmaker
     from service.webhooks.delivery import check_url
 
     check_url(settings)
     keyring = bootstrap.load_keyring(settings)
-    bootstrap.load_admin_keys(settings)
+    admin_keys = bootstrap.load_admin_keys(settings)
     engine = create_engine(settings)
     try:
         await bootstrap.check_schema(engine)
         await bootstrap.check_keys(create_sessionmaker(engine), keyring)
     finally:
         await engine.dispose()
+    return settings.model_copy(update={"admin_keys": SecretStr(",".join(admin_keys))})
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -76,7 +80,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logconfig.configure(settings.log_level)
-    asyncio.run(_preflight(settings))
+    settings = asyncio.run(_preflight(settings))
     config = uvicorn.Config(
         create_asgi(settings),
         host=settings.host,

@@ -12,7 +12,7 @@ import logging
 from service.errors import StorageUnavailable
 from service.idp.azure_ad import ClientCredentials
 from service.kit import sealing
-from service.kit.crypto import DecryptionError, Keyring
+from service.kit.crypto import DecryptionError, Keyring, UnknownKeyError
 from service.models import Account
 
 log = logging.getLogger("service.accounts")
@@ -27,9 +27,14 @@ class AccountSecrets:
             return sealing.unseal(self._keyring, column, row_id, stored)
         except DecryptionError as exc:
             log.error("cannot decrypt stored secret", extra={"account_id": row_id, "reason": str(exc)})
+            # The keyring's message names the column and the key id, never the value.
+            hint = (
+                "add the key that made it to BROKER_ENCRYPTION_KEYS"
+                if isinstance(exc, UnknownKeyError)
+                else "check BROKER_ENCRYPTION_KEYS, or set the secret again (PATCH or authorize the account)"
+            )
             raise StorageUnavailable(
-                f"A stored secret of this account cannot be decrypted (key id {exc.key_id}); "
-                "check BROKER_ENCRYPTION_KEYS.",
+                f"A stored secret of this account cannot be decrypted ({exc}); {hint}.",
                 reason="decryption_failed",
             ) from None
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from service.openapi import document
@@ -52,6 +53,7 @@ def _free_port() -> int:
         return port
 
 
+@pytest.mark.browser
 def test_docs_render_offline_in_headless_chromium(tmp_path: Path) -> None:
     """/docs loads Swagger UI from the service itself and renders every operation in Chromium."""
     chromium = shutil.which("chromium")

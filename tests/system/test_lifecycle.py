@@ -128,11 +128,17 @@ def json_lines(text: str) -> list[dict[str, object]]:
     return docs
 
 
+def admin_key_lines(docs: list[dict[str, object]]) -> list[tuple[object, object]]:
+    """(level, event) of each line about the admin key file."""
+    return [(doc["level"], doc["event"]) for doc in docs if str(doc["event"]).startswith("admin API key")]
+
+
 # -- serving and stopping -------------------------------------------------------------------------
 
 
 def test_first_start_on_sqlite_writes_keys_0600_and_logs_only_the_file(tmp_path: Path) -> None:
-    """No keys set: both generated into var/ (mode 0600), the log names the file, a restart keeps them."""
+    """No keys set: both generated into var/ (mode 0600), the log names each file once (absolute) and
+    the admin key once per start (a warning when generated, info when loaded); a restart keeps them."""
     env = sqlite_env(tmp_path)
     migrate(env)
     var = tmp_path / "var"
@@ -147,14 +153,21 @@ def test_first_start_on_sqlite_writes_keys_0600_and_logs_only_the_file(tmp_path:
     output = served.output()
     assert admin_key not in output
     assert encryption_key not in output
-    files = {doc.get("file") for doc in json_lines(output)}
-    assert str((var / "admin.key").resolve()) in files
+    docs = json_lines(output)
+    files = [doc["file"] for doc in docs if "file" in doc]
+    assert sorted(files) == sorted(str((var / name).resolve()) for name in ("admin.key", "encryption.key"))
+    assert admin_key_lines(docs) == [
+        ("warning", "admin API key generated; read it from that file (it is not printed)")
+    ]
     with serving(env, tmp_path / "second.log") as again:
         assert (var / "admin.key").read_text().strip() == admin_key
         r = httpx.get(f"{again.url}/accounts", headers={"Authorization": f"Bearer {admin_key}"})
         assert r.status_code == 200
         assert stop(again)[0] == 0
     assert admin_key not in again.output()
+    assert admin_key_lines(json_lines(again.output())) == [
+        ("info", "admin API key loaded; read it from that file (it is not printed)")
+    ]
 
 
 def test_sigterm_stops_accepting_finishes_the_slow_refresh_and_exits_0(tmp_path: Path) -> None:

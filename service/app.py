@@ -28,7 +28,7 @@ from service.health import endpoints as health
 from service.idp.azure_ad import AzureADClient
 from service.keys import endpoints as keys
 from service.keys.service import KeyService
-from service.keys.store import KeyStore
+from service.keys.store import TAG_LABEL, KeyStore
 from service.kit.db import create_engine, create_sessionmaker
 from service.kit.outbound import OutboundPolicy
 from service.metrics import Metrics
@@ -50,7 +50,9 @@ Press **Authorize** and paste an admin API key (on the embedded default it is in
 async def build_context(settings: Settings) -> Context:
     keyring = bootstrap.load_keyring(settings)
     keystore = KeyStore(
-        admin_keys=bootstrap.load_admin_keys(settings), client_keys=settings.secret_list(settings.client_keys)
+        admin_keys=bootstrap.load_admin_keys(settings),
+        client_keys=settings.secret_list(settings.client_keys),
+        tag_keys=keyring.derive(TAG_LABEL),
     )
     engine = create_engine(settings)
     try:

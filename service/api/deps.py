@@ -23,7 +23,7 @@ def get_context(request: Request) -> Context:
     return ctx
 
 
-def get_principal(
+async def get_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Principal:
     if credentials is None or not credentials.credentials:
@@ -32,7 +32,7 @@ def get_principal(
     found: Principal | None = getattr(request.state, "principal", None)
     if found is not None:
         return found
-    found = get_context(request).keystore.lookup(credentials.credentials)
+    found = await get_context(request).keys.resolve(credentials.credentials)
     if found is None:
         raise Unauthorized("The API key is not valid (or has been revoked).")
     request.state.principal = found

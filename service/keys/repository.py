@@ -49,6 +49,14 @@ async def set_key_scope(session: AsyncSession, key_id: str, account_ids: Sequenc
     await session.flush()
 
 
+async def key_by_hash(session: AsyncSession, key_hash: str) -> tuple[ApiKey, list[str]] | None:
+    """The key with this hash and its scope, or None."""
+    key = (await session.execute(select(ApiKey).where(ApiKey.key_hash == key_hash))).scalar_one_or_none()
+    if key is None:
+        return None
+    return key, (await key_scopes(session, [key.id])).get(key.id, [])
+
+
 async def all_keys(session: AsyncSession) -> list[ApiKey]:
     return list((await session.execute(select(ApiKey))).scalars())
 

@@ -1,21 +1,25 @@
 """Caller keys managed through the API: created once, stored as hashes, scoped to accounts.
 
 A new key is shown only in the response that creates it. Changes apply at once on this replica
-(``KeyStore.put``/``remove``) and on the others at their next sync (within 5 s).
+(``KeyStore.put``/``remove``) and on the others at their next sync (within 5 s); a new key works on
+the others at once, because a key not in memory is looked up by its hash before a 401 (``resolve``:
+one query per key, shared by concurrent callers, never for keys no replica made).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
-from service.errors import InvalidInput, KeyNotFound
+from service.errors import InvalidInput, KeyNotFound, StorageUnavailable
 from service.keys import repository as repo
 from service.keys.schemas import KeyCreate, KeyCreated, KeyOut, KeyPatch
-from service.keys.store import KeyStore, Principal, hash_key, new_key
+from service.keys.store import KeyStore, Principal, hash_key
 from service.kit import timeutil
 from service.models import ApiKey
 
@@ -47,6 +51,41 @@ class KeyService:
     def __init__(self, *, sessions: async_sessionmaker[AsyncSession], keystore: KeyStore) -> None:
         self._sessions = sessions
         self._keystore = keystore
+        self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
+
+    async def resolve(self, raw: str) -> Principal | None:
+        """The principal of ``raw``: from memory, else (for a key some replica made) from the
+        database by its hash. Raises ``StorageUnavailable`` when the database cannot say."""
+        found = self._keystore.lookup(raw)
+        if found is not None:
+            return found
+        digest = self._keystore.worth_looking_up(raw)
+        if digest is None:
+            return None
+        flight = self._lookups.get(digest)
+        if flight is None:  # registered before the first await: concurrent callers share one query
+            flight = asyncio.ensure_future(self._look_up(digest))
+            self._lookups[digest] = flight
+            flight.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        if await asyncio.shield(flight) is None:
+            return None
+        return self._keystore.lookup(raw) or await asyncio.shield(flight)
+
+    async def _look_up(self, digest: str) -> Principal | None:
+        mark = self._keystore.mark()
+        try:
+            async with self._sessions() as session:
+                row = await repo.key_by_hash(session, digest)
+        except (SQLAlchemyError, OSError):
+            raise StorageUnavailable(
+                "The database cannot be reached; try again.", reason="database"
+            ) from None
+        if row is None:
+            self._keystore.absent(digest)
+            return None
+        principal = _principal(*row)
+        self._keystore.learn(principal, since=mark)
+        return principal
 
     async def _check_accounts(self, session: AsyncSession, accounts: Sequence[str] | None) -> None:
         if not accounts:
@@ -70,7 +109,7 @@ class KeyService:
 
     async def create(self, data: KeyCreate, *, actor: str | None) -> KeyCreated:
         self._refuse_scoped_admin(data.role, data.accounts)
-        raw = new_key()
+        raw = self._keystore.mint()
         now = timeutil.utcnow()
         key = ApiKey(
             id=str(uuid.uuid4()),

@@ -5,19 +5,37 @@ the entry by that hash, then compares the hashes with ``hmac.compare_digest``: t
 depend on how much of a key is right. Keys from the environment are unscoped and permanent;
 keys from the database are reloaded by ``KeyStore.replace_managed`` (every replica, every few
 seconds) and changed at once on the replica that changed them.
+
+A key made on another replica since the last reload is found in the database by its hash
+(``KeyService.resolve``) before the caller gets a 401. Only keys that can exist go there: a managed
+key carries a tag, an HMAC of its random part under a subkey of the encryption keyring every
+replica shares, so a flood of made-up keys fails the tag check and costs no query at all; a tagged
+key the database does not hold (a revoked one) is remembered in a bounded negative cache (size
+``ABSENT_CACHE_SIZE``, lifetime ``ABSENT_TTL_SECONDS``), so repeating it costs no query either.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 DIGEST_MEMO_SIZE = 4096
+# Tagged keys the database did not hold: at most this many, each for this long. A key is random
+# (256 bits) and shown only after its row is committed, so "absent" can only turn into "present"
+# for a key nobody has seen yet; the lifetime only bounds the memory of stale entries.
+ABSENT_CACHE_SIZE = 10_000
+ABSENT_TTL_SECONDS = 60.0
+KEY_PREFIX = "tbk_"
+_RANDOM_BYTES = 32
+_TAG_BYTES = 8
+TAG_LABEL = b"token-broker caller key tag v1"
 ADMIN = "admin"
 CLIENT = "client"
 
@@ -33,7 +51,34 @@ def fingerprint(raw: str) -> str:
 
 def new_key() -> str:
     # 32 random bytes (256 bits); the prefix makes a leaked key recognisable in a scan.
-    return "tbk_" + secrets.token_urlsafe(32)
+    return KEY_PREFIX + secrets.token_urlsafe(_RANDOM_BYTES)
+
+
+def _tag(tag_key: bytes, random_part: bytes) -> bytes:
+    return hmac.new(tag_key, random_part, hashlib.sha256).digest()[:_TAG_BYTES]
+
+
+def new_tagged_key(tag_key: bytes) -> str:
+    """``tbk_`` + base64url(32 random bytes + an 8-byte tag of them under ``tag_key``)."""
+    random_part = secrets.token_bytes(_RANDOM_BYTES)
+    raw = random_part + _tag(tag_key, random_part)
+    return KEY_PREFIX + base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def has_valid_tag(raw: str, tag_keys: Sequence[bytes]) -> bool:
+    """Whether ``raw`` is a key some replica sharing ``tag_keys`` made (constant-time tag check)."""
+    body = raw[len(KEY_PREFIX) :]
+    if not raw.startswith(KEY_PREFIX) or len(body) != 54:  # 40 bytes in base64url, unpadded
+        return False
+    try:
+        decoded = base64.urlsafe_b64decode(body + "==")
+    except (binascii.Error, ValueError):
+        return False
+    random_part, tag = decoded[:_RANDOM_BYTES], decoded[_RANDOM_BYTES:]
+    ok = False
+    for tag_key in tag_keys:  # every key of the ring: a rotation must not orphan the keys made before
+        ok |= hmac.compare_digest(_tag(tag_key, random_part), tag)
+    return ok
 
 
 @dataclass(frozen=True)
@@ -80,7 +125,15 @@ class KeyStore:
     sampled ``tokens_fetched`` events are written at most once a minute per key.
     """
 
-    def __init__(self, *, admin_keys: Iterable[str] = (), client_keys: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        admin_keys: Iterable[str] = (),
+        client_keys: Iterable[str] = (),
+        tag_keys: Sequence[bytes] = (),
+    ) -> None:
+        self._tag_keys = tuple(tag_keys)
+        self._absent: dict[str, float] = {}  # key hash -> monotonic time it stops being known absent
         self._static: dict[str, Principal] = {}
         for role, keys in ((CLIENT, client_keys), (ADMIN, admin_keys)):
             for raw in keys:
@@ -110,6 +163,52 @@ class KeyStore:
         self._last_used[digest] = time.time()
         self._count[digest] = self._count.get(digest, 0) + 1
         return found
+
+    # -- keys made elsewhere since the last reload ------------------------------------------------
+
+    def mint(self) -> str:
+        """A new managed key: tagged when the store has tag keys (so other replicas may look it up)."""
+        return new_tagged_key(self._tag_keys[0]) if self._tag_keys else new_key()
+
+    def worth_looking_up(self, raw: str) -> str | None:
+        """The hash to look up in the database for a key not in memory, or None: not a key any
+        replica made (no valid tag), or known to be absent."""
+        if not has_valid_tag(raw, self._tag_keys):
+            return None
+        digest = hash_key(raw)
+        until = self._absent.get(digest)
+        if until is not None:
+            if time.monotonic() < until:
+                return None
+            del self._absent[digest]
+        return digest
+
+    def absent(self, digest: str) -> None:
+        """The database does not hold this key: refuse it without a query for a while."""
+        if len(self._absent) >= ABSENT_CACHE_SIZE:
+            now = time.monotonic()
+            self._absent = {d: t for d, t in self._absent.items() if t > now}
+            while len(self._absent) >= ABSENT_CACHE_SIZE:  # still full: drop the oldest entries
+                del self._absent[next(iter(self._absent))]
+        self._absent[digest] = time.monotonic() + ABSENT_TTL_SECONDS
+
+    def learn(self, principal: Principal, *, since: int) -> bool:
+        """Install a key read from the database after ``mark() == since``, unless a local change
+        came in between (a revocation here must win over a read that predates it).
+
+        Not recorded as a local change: the next reload either holds it too or (when its read
+        predates the key) drops it, and the next request looks it up again.
+        """
+        if self._seq != since:
+            return False
+        managed = {h: p for h, p in self._managed.items() if p.key_id != principal.key_id}
+        managed[principal.key_hash] = principal
+        self._install(managed)
+        return True
+
+    @property
+    def absent_count(self) -> int:
+        return len(self._absent)
 
     # -- the managed keys -----------------------------------------------------------------------
 

@@ -1,5 +1,11 @@
 """Caller keys in memory: who a bearer key is, what role it has, which accounts it may use.
 
+One principal model: a service-account binding (``service_accounts.py``) is a ``Principal`` of its
+role and scope like a key, kept in the same managed map (under ``"sa:<id>"``, never a key hash), so
+the same reload, scope changes and revocation apply to both. A verified service-account token is
+remembered by its hash until its ``exp``, pointing at its binding: a hit is two dictionary lookups,
+and a deleted binding stops its remembered tokens at once.
+
 Keys are known only by their SHA-256 hash. A lookup hashes the presented key in full and finds
 the entry by that hash, then compares the hashes with ``hmac.compare_digest``: the work does not
 depend on how much of a key is right. Keys from the environment are unscoped and permanent;
@@ -24,7 +30,7 @@ import math
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DIGEST_MEMO_SIZE = 4096
 # Tagged keys the database did not hold: at most this many, each for this long. A key is random
@@ -36,6 +42,7 @@ KEY_PREFIX = "tbk_"
 _RANDOM_BYTES = 32
 _TAG_BYTES = 8
 TAG_LABEL = b"token-broker caller key tag v1"
+TOKEN_MEMO_SIZE = 10_000  # verified service-account tokens remembered at once
 ADMIN = "admin"
 CLIENT = "client"
 
@@ -74,6 +81,8 @@ def has_valid_tag(raw: str, tag_keys: Sequence[bytes]) -> bool:
         decoded = base64.urlsafe_b64decode(body + "==")
     except (binascii.Error, ValueError):
         return False
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=").decode("ascii") != body:
+        return False  # one key, one spelling: no stray bits in the last character
     random_part, tag = decoded[:_RANDOM_BYTES], decoded[_RANDOM_BYTES:]
     ok = False
     for tag_key in tag_keys:  # every key of the ring: a rotation must not orphan the keys made before
@@ -87,7 +96,12 @@ class Principal:
     role: str
     accounts: frozenset[str] | None  # None: every account
     fingerprint: str
-    key_hash: str = field(repr=False)
+    key_hash: str = field(repr=False)  # a service account's is "sa:<id>", no hash of anything
+    subject: tuple[str, str] | None = None  # (namespace, name) of a service-account binding
+
+    @property
+    def is_service_account(self) -> bool:
+        return self.subject is not None
 
     @property
     def is_admin(self) -> bool:
@@ -106,6 +120,7 @@ class KeyUsage:
     last_used: float  # epoch seconds
     count: int
     key_hash: str = field(repr=False)
+    service_account: bool = False
 
 
 # A local change, replayed over a snapshot of the database that may predate it.
@@ -150,19 +165,54 @@ class KeyStore:
         # request. Only found keys enter it, so a wrong key is always hashed in full: rejection
         # time still does not depend on how much of a key is right.
         self._digests: dict[str, str] = {}
+        self._subjects: dict[tuple[str, str], Principal] = {}
+        self._tokens: dict[str, tuple[str, float]] = {}  # token hash -> (binding's key_hash, exp)
 
     def lookup(self, raw: str) -> Principal | None:
         digest = self._digests.get(raw) or hash_key(raw)
         found = self._by_hash.get(digest)
-        if found is None or not hmac.compare_digest(found.key_hash, digest):
+        if found is None:
+            found = self._remembered(digest)
+            if found is None:
+                return None
+        elif not hmac.compare_digest(found.key_hash, digest):
             return None
         if raw not in self._digests:
             if len(self._digests) >= DIGEST_MEMO_SIZE:
                 self._digests.clear()
             self._digests[raw] = digest
-        self._last_used[digest] = time.time()
-        self._count[digest] = self._count.get(digest, 0) + 1
+        self._last_used[found.key_hash] = time.time()
+        self._count[found.key_hash] = self._count.get(found.key_hash, 0) + 1
         return found
+
+    def _remembered(self, digest: str) -> Principal | None:
+        entry = self._tokens.get(digest)
+        if entry is None:
+            return None
+        binding = self._by_hash.get(entry[0])
+        if binding is None or time.time() >= entry[1]:
+            del self._tokens[digest]  # expired, or its binding is gone
+            return None
+        return binding
+
+    # -- service accounts -----------------------------------------------------------------------
+
+    def binding(self, namespace: str, name: str) -> Principal | None:
+        """The service-account binding for (namespace, name), or None."""
+        return self._subjects.get((namespace, name))
+
+    def remember_token(self, raw: str, principal: Principal, *, expires: float) -> None:
+        """A verified service-account token: found by ``lookup`` until ``expires`` (epoch seconds)."""
+        if len(self._tokens) >= TOKEN_MEMO_SIZE:
+            now = time.time()
+            self._tokens = {d: e for d, e in self._tokens.items() if e[1] > now}
+            while len(self._tokens) >= TOKEN_MEMO_SIZE:
+                del self._tokens[next(iter(self._tokens))]
+        self._tokens[hash_key(raw)] = (principal.key_hash, expires)
+
+    @property
+    def remembered_tokens(self) -> int:
+        return len(self._tokens)
 
     # -- keys made elsewhere since the last reload ------------------------------------------------
 
@@ -236,6 +286,7 @@ class KeyStore:
         merged.update(self._static)  # environment keys win a (practically impossible) collision
         self._managed = managed
         self._by_hash = merged
+        self._subjects = {p.subject: p for p in managed.values() if p.subject is not None}
 
     def _change(self, change: _Change) -> None:
         self._seq += 1
@@ -268,7 +319,16 @@ class KeyStore:
             if principal is None:  # revoked meanwhile
                 continue
             self._handed_out[digest] = now
-            taken.append(KeyUsage(principal.key_id, principal.fingerprint, last_used, count, digest))
+            taken.append(
+                KeyUsage(
+                    principal.key_id,
+                    principal.fingerprint,
+                    last_used,
+                    count,
+                    digest,
+                    principal.is_service_account,
+                )
+            )
         for digest, when in list(self._handed_out.items()):
             if now - when >= every:
                 del self._handed_out[digest]  # as good as never: keeps the map small
@@ -297,8 +357,6 @@ def _apply(managed: dict[str, Principal], change: _Change) -> dict[str, Principa
     if kind == "remove":
         return {h: p for h, p in managed.items() if p.key_id != target}
     return {  # drop_account
-        h: p
-        if p.accounts is None or target not in p.accounts
-        else Principal(p.key_id, p.role, p.accounts - {target}, p.fingerprint, p.key_hash)
+        h: p if p.accounts is None or target not in p.accounts else replace(p, accounts=p.accounts - {target})
         for h, p in managed.items()
     }

@@ -21,6 +21,7 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +107,19 @@ class ServiceAccountVerifier:
 
     # -- verification ---------------------------------------------------------------------------
 
-    async def verify(self, raw: str) -> Principal | None:
-        """The binding's principal for a valid token, else None (401). Raises
-        ``IssuerUnavailable`` when the JWKS or the TokenReview cannot be had."""
+    async def verify(
+        self, raw: str, find_binding: Callable[[str, str], Awaitable[Principal | None]]
+    ) -> Principal | None:
+        """The binding's principal for a valid token, else None (401). ``find_binding`` looks up
+        a binding this replica does not know yet. Raises ``IssuerUnavailable`` when the JWKS or
+        the TokenReview cannot be had."""
         claims = await self._claims(raw)
         if claims is None:
             return None
         sub = subject(claims)
-        binding = self._keystore.binding(*sub) if sub is not None else None
+        binding = None
+        if sub is not None:
+            binding = self._keystore.binding(*sub) or await find_binding(*sub)
         if sub is None or binding is None:
             _refused("no_binding")
             return None

@@ -108,6 +108,17 @@ async def get_binding(session: AsyncSession, binding_id: str) -> ServiceAccount 
     return found if found is not None and found.id == binding_id else None
 
 
+async def binding_by_subject(
+    session: AsyncSession, namespace: str, name: str
+) -> tuple[ServiceAccount, list[str]] | None:
+    """The binding for (namespace, name) and its scope, or None."""
+    stmt = select(ServiceAccount).where(ServiceAccount.namespace == namespace, ServiceAccount.name == name)
+    found = (await session.execute(stmt)).scalar_one_or_none()
+    if found is None:
+        return None
+    return found, (await binding_scopes(session, [found.id])).get(found.id, [])
+
+
 async def binding_scopes(session: AsyncSession, ids: Sequence[str] | None = None) -> dict[str, list[str]]:
     stmt = select(ServiceAccountScope.binding_id, ServiceAccountScope.account_id).order_by(
         ServiceAccountScope.account_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -86,7 +86,9 @@ def _out(key: ApiKey, accounts: Sequence[str] | None) -> KeyOut:
 
 
 class TokenVerifier(Protocol):
-    async def verify(self, raw: str) -> Principal | None: ...
+    async def verify(
+        self, raw: str, find_binding: Callable[[str, str], Awaitable[Principal | None]]
+    ) -> Principal | None: ...
 
 
 class KeyService:
@@ -110,7 +112,7 @@ class KeyService:
         if found is not None:
             return found
         if self._verifier is not None and looks_like_jwt(raw):
-            return await self._verifier.verify(raw)  # a service-account token, never a key
+            return await self._verifier.verify(raw, self.find_binding)  # never a key
         digest = self._keystore.worth_looking_up(raw)
         if digest is None:
             return None
@@ -122,6 +124,26 @@ class KeyService:
         if await asyncio.shield(flight) is None:
             return None
         return self._keystore.lookup(raw) or await asyncio.shield(flight)
+
+    async def find_binding(self, namespace: str, name: str) -> Principal | None:
+        """A binding not in memory (made on another replica since the last sync), from the
+        database; one query per (namespace, name) per sync interval at most."""
+        if not self._keystore.binding_worth_looking_up(namespace, name):
+            return None
+        mark = self._keystore.mark()
+        try:
+            async with self._sessions() as session:
+                row = await repo.binding_by_subject(session, namespace, name)
+        except (SQLAlchemyError, OSError):
+            raise StorageUnavailable(
+                "The database cannot be reached; try again.", reason="database"
+            ) from None
+        if row is None:
+            self._keystore.binding_absent(namespace, name)
+            return None
+        principal = binding_principal(*row)
+        self._keystore.learn(principal, since=mark)
+        return principal
 
     async def _look_up(self, digest: str) -> Principal | None:
         mark = self._keystore.mark()

@@ -167,6 +167,7 @@ class KeyStore:
         self._digests: dict[str, str] = {}
         self._subjects: dict[tuple[str, str], Principal] = {}
         self._tokens: dict[str, tuple[str, float]] = {}  # token hash -> (binding's key_hash, exp)
+        self._absent_subjects: set[tuple[str, str]] = set()  # not bound at the last look
 
     def lookup(self, raw: str) -> Principal | None:
         digest = self._digests.get(raw) or hash_key(raw)
@@ -200,6 +201,16 @@ class KeyStore:
     def binding(self, namespace: str, name: str) -> Principal | None:
         """The service-account binding for (namespace, name), or None."""
         return self._subjects.get((namespace, name))
+
+    def binding_worth_looking_up(self, namespace: str, name: str) -> bool:
+        """Whether an unknown (namespace, name) is worth a query: not found since the last reload
+        (which clears this memory, so a binding made elsewhere works within the sync anyway)."""
+        return (namespace, name) not in self._absent_subjects
+
+    def binding_absent(self, namespace: str, name: str) -> None:
+        if len(self._absent_subjects) >= ABSENT_CACHE_SIZE:
+            self._absent_subjects.clear()
+        self._absent_subjects.add((namespace, name))
 
     def remember_token(self, raw: str, principal: Principal, *, expires: float) -> None:
         """A verified service-account token: found by ``lookup`` until ``expires`` (epoch seconds)."""
@@ -273,6 +284,7 @@ class KeyStore:
         are applied again on top. Without it, ``principals`` are the whole truth.
         """
         managed = {p.key_hash: p for p in principals}
+        self._absent_subjects = set()
         if since is None:
             self._changes = []
         else:
@@ -295,6 +307,8 @@ class KeyStore:
 
     def put(self, principal: Principal) -> None:
         assert principal.key_id is not None
+        if principal.subject is not None:
+            self._absent_subjects.discard(principal.subject)
         self._change(("put", principal.key_id, principal))
 
     def remove(self, key_id: str) -> None:

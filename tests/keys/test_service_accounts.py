@@ -434,3 +434,18 @@ async def test_token_review_is_asked_once_per_token_and_a_refusal_is_401(
         issuer.revoke(deleted_pod)
         assert (await app.client.get("/accounts", headers=bearer(deleted_pod))).status_code == 401
         assert issuer.stats()["counts"]["review"] == before + 2
+
+
+async def test_an_unbound_service_account_costs_one_query_per_sync(
+    running: Running, issuer: FakeIssuerHandle, signing: SigningKey
+) -> None:
+    """Valid tokens of an unbound service account: 401 each, one lookup until the next sync; a
+    binding made since is then found."""
+    with sql_statements(running) as statements:
+        for _ in range(50):
+            token = signing.sign(claims_for(issuer.url, NS, "unbound"))
+            assert (await running.client.get("/accounts", headers=bearer(token))).status_code == 401
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
+    await bind(running, NS, "unbound", role="admin")
+    token = signing.sign(claims_for(issuer.url, NS, "unbound"))
+    assert (await running.client.get("/accounts", headers=bearer(token))).status_code == 200

@@ -27,8 +27,10 @@ from service.context import Context
 from service.health import endpoints as health
 from service.idp.azure_ad import AzureADClient
 from service.keys import endpoints as keys
+from service.keys.k8s import ServiceAccountVerifier
 from service.keys.service import KeyService
-from service.keys.store import KeyStore
+from service.keys.service_accounts import ServiceAccountService
+from service.keys.store import TAG_LABEL, KeyStore
 from service.kit.db import create_engine, create_sessionmaker
 from service.kit.outbound import OutboundPolicy
 from service.metrics import Metrics
@@ -51,7 +53,9 @@ Press **Authorize** and paste an admin API key (on the embedded default it is in
 async def build_context(settings: Settings) -> Context:
     keyring = bootstrap.load_keyring(settings)
     keystore = KeyStore(
-        admin_keys=bootstrap.load_admin_keys(settings), client_keys=settings.secret_list(settings.client_keys)
+        admin_keys=bootstrap.load_admin_keys(settings),
+        client_keys=settings.secret_list(settings.client_keys),
+        tag_keys=keyring.derive(TAG_LABEL),
     )
     engine = create_engine(settings)
     try:
@@ -71,6 +75,7 @@ async def build_context(settings: Settings) -> Context:
     metrics = Metrics()
     azure = AzureADClient(http, policy, timeout=settings.idp_timeout_seconds)
     secrets = AccountSecrets(keyring)
+    verifier = ServiceAccountVerifier(settings, http, keystore) if settings.k8s_issuer else None
     broker = TokenBroker(
         sessions=sessions, azure=azure, keyring=keyring, secrets=secrets, settings=settings, metrics=metrics
     )
@@ -86,7 +91,9 @@ async def build_context(settings: Settings) -> Context:
         metrics=metrics,
         broker=broker,
         accounts=AccountService(sessions=sessions, keyring=keyring, policy=policy, listener=broker),
-        keys=KeyService(sessions=sessions, keystore=keystore),
+        keys=KeyService(sessions=sessions, keystore=keystore, verifier=verifier),
+        service_accounts=ServiceAccountService(sessions=sessions, keystore=keystore),
+        verifier=verifier,
         secrets=secrets,
         background=Background(
             settings=settings, sessions=sessions, keystore=keystore, broker=broker, metrics=metrics
@@ -105,6 +112,8 @@ async def close_context(ctx: Context, tasks: list[asyncio.Task[None]]) -> None:
     if ctx.notifier is not None:
         closing.append(ctx.notifier.aclose())
     await asyncio.gather(*closing, return_exceptions=True)
+    if ctx.verifier is not None:
+        await ctx.verifier.aclose()
     await ctx.http.aclose()
     await ctx.engine.dispose()
 
@@ -143,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = None
     problems.install(app)
     problems.install_openapi(app)
-    for router in (accounts.router, tokens.router, keys.router, oauth.router, health.router):
+    for router in (accounts.router, tokens.router, keys.router, keys.sa_router, oauth.router, health.router):
         app.include_router(router)
     return app
 

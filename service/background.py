@@ -73,9 +73,20 @@ class Background:
             return
         try:
             async with self.sessions() as session, session.begin():
-                touched = {u.key_id: timeutil.from_epoch(u.last_used) for u in usage if u.key_id is not None}
+                touched = {
+                    u.key_id: timeutil.from_epoch(u.last_used)
+                    for u in usage
+                    if u.key_id is not None and not u.service_account
+                }
                 if touched:
                     await keys_repo.touch_keys(session, touched)
+                bound = {
+                    u.key_id: timeutil.from_epoch(u.last_used)
+                    for u in usage
+                    if u.service_account and u.key_id
+                }
+                if bound:
+                    await keys_repo.touch_bindings(session, bound)
                 for u in usage:
                     await accounts_repo.add_event(
                         session,
@@ -83,7 +94,7 @@ class Background:
                         kind="tokens_fetched",
                         actor=u.fingerprint,
                         detail={
-                            "key_id": u.key_id,
+                            ("service_account_id" if u.service_account else "key_id"): u.key_id,
                             "requests": u.count,
                             "last_used_at": timeutil.from_epoch(u.last_used).isoformat() + "Z",
                         },

@@ -15,7 +15,9 @@ from service.accounts.credentials import AccountSecrets
 from service.accounts.service import AccountService
 from service.background import Background
 from service.idp.azure_ad import AzureADClient
+from service.keys.k8s import ServiceAccountVerifier
 from service.keys.service import KeyService
+from service.keys.service_accounts import ServiceAccountService
 from service.keys.store import KeyStore
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy
@@ -41,5 +43,7 @@ class Context:
     keys: KeyService
     secrets: AccountSecrets
     background: Background
+    service_accounts: ServiceAccountService
+    verifier: ServiceAccountVerifier | None = None  # None: service-account callers are off
     notifier: Notifier | None = None
     draining: bool = False  # set when shutdown begins: readiness fails so traffic moves away

@@ -3,7 +3,7 @@
     BrokerError                      base: status, code, title, detail, headers
     ├── Unauthorized                 401 unauthorized      (no or wrong API key)
     ├── Forbidden                    403 forbidden         (the key's role may not)
-    ├── NotFound                     404 account_not_found / key_not_found
+    ├── NotFound                     404 account_not_found / key_not_found / service_account_not_found
     ├── InvalidInput                 422 validation_error  (carries per-field errors)
     ├── NameConflict                 409 name_conflict
     ├── VersionConflict              412 version_conflict
@@ -15,7 +15,8 @@
     │   └── InvalidCredentials       409 invalid_credentials (invalid_client: fix the secret)
     └── Unavailable                  503 with Retry-After: try again later
         ├── UpstreamUnavailable      503 upstream_unavailable (Azure AD down, slow, throttling, odd)
-        └── StorageUnavailable       503 storage_unavailable  (the database cannot be reached)
+        ├── StorageUnavailable       503 storage_unavailable  (the database cannot be reached)
+        └── IssuerUnavailable        503 issuer_unavailable   (the cluster's JWKS / TokenReview)
 
 Everything raised inside the broker is one of these; foreign exceptions (httpx, SQLAlchemy,
 JSON) are translated where they occur, and ``api/problems.py`` renders them in one place. Messages
@@ -86,6 +87,14 @@ class KeyNotFound(NotFound):
 
     def __init__(self) -> None:
         super().__init__("No such API key.")
+
+
+class ServiceAccountNotFound(NotFound):
+    code = "service_account_not_found"
+    title = "Service-account binding not found"
+
+    def __init__(self) -> None:
+        super().__init__("No service-account binding with this id.")
 
 
 class InvalidInput(BrokerError):
@@ -186,3 +195,8 @@ class UpstreamUnavailable(Unavailable):
 class StorageUnavailable(Unavailable):
     code = "storage_unavailable"
     title = "The database is unavailable; try again later"
+
+
+class IssuerUnavailable(Unavailable):
+    code = "issuer_unavailable"
+    title = "The cluster's service-account issuer is unavailable; try again later"

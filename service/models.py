@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects import mysql
@@ -173,3 +174,36 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(64), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
+
+
+class ServiceAccount(Base):
+    """A Kubernetes service account allowed to call, with a caller role (and scope) like a key."""
+
+    __tablename__ = "broker_service_accounts"
+    __table_args__ = (
+        UniqueConstraint("namespace", "name", name="uq_broker_service_accounts_namespace_name"),
+        MYSQL_TABLE,
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    namespace: Mapped[str] = mapped_column(String(63), nullable=False)
+    name: Mapped[str] = mapped_column(String(253), nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    scoped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
+    last_used_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, nullable=True)
+
+
+class ServiceAccountScope(Base):
+    """One account a scoped service account may use; deleting the account removes it."""
+
+    __tablename__ = "broker_sa_scopes"
+    __table_args__ = MYSQL_TABLE
+
+    binding_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("broker_service_accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    account_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("ms_dynamics_365_data.ID", ondelete="CASCADE"), primary_key=True
+    )

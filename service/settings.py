@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     webhook_gap_grace_seconds: float = Field(default=10.0, ge=0, le=300)
     create_schema: bool = False
 
+    # Kubernetes service-account callers (DESIGN.md "Service-account callers"); unset issuer: off.
+    k8s_issuer: str | None = None
+    k8s_audience: str = Field(default="dynamics-token-broker", min_length=1)
+    k8s_jwks_url: str | None = None  # default: the issuer's discovery document's jwks_uri
+    k8s_ca_file: Path | None = None  # the CA of an in-cluster JWKS / API server endpoint
+    k8s_token_file: Path | None = None  # bearer for the JWKS and TokenReview (re-read each time)
+    k8s_token_review: bool = False
+    k8s_api_url: str = "https://kubernetes.default.svc"  # where TokenReview is asked
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         # The lock wait must outlast an IdP call, or a replica waiting on another's refresh

@@ -14,7 +14,8 @@ from service.keys.store import Principal
 bearer = HTTPBearer(
     auto_error=False,
     scheme_name="ApiKey",
-    description="An admin or client API key, sent as `Authorization: Bearer <key>`.",
+    description="An admin or client API key, or a Kubernetes service-account token of a bound service "
+    "account, sent as `Authorization: Bearer <key or token>`.",
 )
 
 
@@ -23,7 +24,7 @@ def get_context(request: Request) -> Context:
     return ctx
 
 
-def get_principal(
+async def get_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Principal:
     if credentials is None or not credentials.credentials:
@@ -32,7 +33,7 @@ def get_principal(
     found: Principal | None = getattr(request.state, "principal", None)
     if found is not None:
         return found
-    found = get_context(request).keystore.lookup(credentials.credentials)
+    found = await get_context(request).keys.resolve(credentials.credentials)
     if found is None:
         raise Unauthorized("The API key is not valid (or has been revoked).")
     request.state.principal = found
@@ -51,5 +52,6 @@ Admin = Annotated[Principal, Depends(get_admin)]
 # An id the tables cannot hold (too long, 4-byte characters) is simply not found: see repository.
 AccountId = Annotated[str, Path(description="Account id, or `default`")]
 KeyId = Annotated[str, Path(description="Key id")]
+ServiceAccountId = Annotated[str, Path(description="Service-account binding id")]
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size (at most 500)")]
 Offset = Annotated[int, Query(ge=0, le=10_000_000, description="Items to skip")]

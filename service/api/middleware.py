@@ -161,7 +161,12 @@ class RequireKey:
         principal: Principal | None = state.get("principal")
         if principal is None:
             key = bearer_key(scope["headers"])
-            principal = ctx.keystore.lookup(key) if key else None
+            try:
+                # A key made on another replica since the last sync is looked up in the database.
+                principal = await ctx.keys.resolve(key) if key else None
+            except BrokerError as error:
+                await _problem(send, scope, error)
+                return
         if principal is None:
             await _problem(send, scope, Unauthorized())
             return

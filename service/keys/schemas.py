@@ -47,3 +47,42 @@ class KeyList(BaseModel):
     items: list[KeyOut]
     limit: int
     offset: int
+
+
+# Kubernetes names: a namespace is a DNS label, a service account a DNS subdomain.
+Namespace = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+AccountName = Annotated[
+    str,
+    StringConstraints(
+        max_length=253, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    ),
+]
+Scope = list[Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]] | None
+
+
+class ServiceAccountCreate(Strict):
+    namespace: Namespace
+    name: AccountName
+    role: Role = "client"
+    accounts: Scope = Field(default=None, max_length=10_000)
+
+
+class ServiceAccountPatch(Strict):
+    role: Role | None = None
+    accounts: Scope = Field(default=None, max_length=10_000)
+
+
+class ServiceAccountOut(BaseModel):
+    id: str
+    namespace: str
+    name: str
+    role: Role
+    accounts: list[str] | None
+    created_at: Timestamp
+    last_used_at: Timestamp | None = None
+
+
+class ServiceAccountList(BaseModel):
+    items: list[ServiceAccountOut]
+    limit: int
+    offset: int

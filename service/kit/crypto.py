@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -93,6 +94,7 @@ class Keyring:
         if not raw_keys:
             raise KeyringError("BROKER_ENCRYPTION_KEYS is empty: at least one key is required")
         seen: set[bytes] = set()
+        self._raw: list[bytes] = []
         self._by_id: dict[str, list[AESGCM]] = {}
         for position, raw in enumerate(raw_keys, start=1):
             if len(raw) != KEY_BYTES:
@@ -103,6 +105,7 @@ class Keyring:
             if raw in seen:  # a repeated key would only cost a second failed attempt
                 continue
             seen.add(raw)
+            self._raw.append(raw)
             # A list per id: two keys sharing an id is a 2**-32 accident, but if it happens
             # both must still be tried rather than one shadowing the other.
             self._by_id.setdefault(key_id(raw), []).append(AESGCM(raw))
@@ -126,6 +129,14 @@ class Keyring:
                     f"BROKER_ENCRYPTION_KEYS entry {position} is not a valid key: {exc}"
                 ) from None
         return cls(raw_keys)
+
+    def derive(self, label: bytes) -> tuple[bytes, ...]:
+        """One 32-byte subkey per key of the ring, primary first: HMAC-SHA256(key, label).
+
+        For a purpose other than encryption (e.g. tagging caller keys) that every replica sharing
+        the ring must agree on, without reusing an encryption key as it is.
+        """
+        return tuple(hmac.new(raw, label, hashlib.sha256).digest() for raw in self._raw)
 
     def __repr__(self) -> str:
         return f"Keyring(primary_key_id={self.primary_key_id!r}, key_ids={self.key_ids!r})"

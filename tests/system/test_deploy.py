@@ -474,3 +474,118 @@ def test_dockerignore_sends_only_the_package_sources() -> None:
     roots = {pkg.split(".")[0] for pkg in setuptools["packages"]}
     roots |= {folder.split("/")[0] for folder in setuptools.get("package-dir", {}).values()}
     assert roots | {"pyproject.toml"} <= included
+
+
+# ---------------------------------------------------------------------------------------------
+# Service-account callers (deploy/k8s/service-accounts: a kustomize Component over the manifests
+# above, and an example engine applied on its own)
+
+SA_DIR = K8S / "service-accounts"
+SA_PATCH = "broker-patch.yaml"
+SA_MANIFESTS = sorted(p for p in SA_DIR.glob("*.yaml") if p.name not in {"kustomization.yaml", SA_PATCH})
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", SA_MANIFESTS, ids=lambda p: p.name)
+def test_service_account_manifest_validates(path: Path, version: str) -> None:
+    """Every manifest of the service-account overlay validates strictly and carries the name label."""
+    for doc in _docs(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+        assert _matches(NAME_LABEL, doc["metadata"].get("labels", {})), path.name
+
+
+def test_service_account_component_lists_its_files() -> None:
+    """The Component lists every file beside it but the example engine (another namespace)."""
+    kustomization = yaml.safe_load((SA_DIR / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert kustomization["kind"] == "Component"
+    assert set(kustomization["resources"]) == {p.name for p in SA_MANIFESTS} - {"engine-deployment.yaml"}
+    assert kustomization["patches"] == [{"path": SA_PATCH}]
+
+
+def _sa_one(filename: str, kind: str) -> dict[str, Any]:
+    docs = [doc for doc in _docs(SA_DIR / filename) if doc["kind"] == kind]
+    assert len(docs) == 1
+    return docs[0]
+
+
+def test_the_engine_presents_a_projected_token_for_the_broker_audience() -> None:
+    """The example engine mounts a serviceAccountToken for the broker's audience, 1 h, no automount."""
+    from service.settings import Settings
+
+    engine = _sa_one("engine-deployment.yaml", "Deployment")
+    pod = engine["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert (
+        pod["serviceAccountName"] == _sa_one("engine-deployment.yaml", "ServiceAccount")["metadata"]["name"]
+    )
+    sources = [s for v in pod["volumes"] for s in v.get("projected", {}).get("sources", [])]
+    tokens = [s["serviceAccountToken"] for s in sources if "serviceAccountToken" in s]
+    assert tokens == [
+        {
+            "path": "token",
+            "audience": Settings.model_fields["k8s_audience"].default,
+            "expirationSeconds": 3600,
+        }
+    ]
+    namespaces = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for rule in _one("networkpolicy.yaml", "NetworkPolicy")["spec"]["ingress"]
+        for peer in rule["from"]
+    }
+    assert engine["metadata"]["namespace"] in namespaces  # the base NetworkPolicy lets it in
+
+
+def test_the_broker_gets_discovery_and_token_review_rights(deployment: dict[str, Any]) -> None:
+    """The broker's service account is bound to issuer discovery and system:auth-delegator, and the
+    patch gives the broker that account, its own projected token and settings the broker knows."""
+    from service.settings import Settings
+
+    patch = yaml.safe_load((SA_DIR / SA_PATCH).read_text(encoding="utf-8"))
+    pod = patch["spec"]["template"]["spec"]
+    account = _sa_one("broker-serviceaccount.yaml", "ServiceAccount")["metadata"]
+    assert pod["serviceAccountName"] == account["name"]
+    assert patch["metadata"]["name"] == deployment["metadata"]["name"]
+    for filename, role in (
+        ("issuer-discovery-rbac.yaml", "system:service-account-issuer-discovery"),
+        ("token-review-rbac.yaml", "system:auth-delegator"),
+    ):
+        binding = _sa_one(filename, "ClusterRoleBinding")
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": role,
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": account["name"], "namespace": account["namespace"]}
+        ]
+    container = pod["containers"][0]
+    assert container["name"] == _container(deployment)["name"]
+    names = {e["name"].removeprefix("BROKER_").lower() for e in container["env"]}
+    assert names <= set(Settings.model_fields)
+    assert {"k8s_issuer", "k8s_ca_file", "k8s_token_file"} <= names
+
+
+def test_service_account_component_builds(tmp_path: Path) -> None:
+    """kubectl kustomize renders base + Component: the broker keeps its /tmp and gains its identity."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed; the schema tests still cover every manifest")
+    base = os.path.relpath(K8S, tmp_path)  # kustomize wants relative paths
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [base],
+        "components": [os.path.join(base, SA_DIR.name)],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay), encoding="utf-8")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    broker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "token-broker")
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(broker, version, strict=True)
+    mounts = {m["mountPath"] for m in _container(broker)["volumeMounts"]}
+    assert mounts == {"/tmp", "/var/run/secrets/token-broker"}
+    assert broker["spec"]["template"]["spec"]["serviceAccountName"] == "token-broker"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/token-broker.db"
@@ -87,6 +87,15 @@ class Settings(BaseSettings):
     # How long a gap in event ids may be an uncommitted transaction before it is skipped (MySQL).
     webhook_gap_grace_seconds: float = Field(default=10.0, ge=0, le=300)
     create_schema: bool = False
+    # Workload identity federation: the projected service-account token that accounts with
+    # credential_type "federated" send as their client assertion. Azure Workload Identity's webhook
+    # sets AZURE_FEDERATED_TOKEN_FILE; BROKER_FEDERATED_TOKEN_FILE wins when both are set.
+    federated_token_file: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "BROKER_FEDERATED_TOKEN_FILE", "AZURE_FEDERATED_TOKEN_FILE", "federated_token_file"
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

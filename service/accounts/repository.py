@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.accounts.status import Status
 from service.errors import NameConflict
 from service.kit.timeutil import storable_id, utcnow
-from service.models import Account, AccountState, Event, Lease
+from service.models import Account, AccountCredential, AccountState, Event, Lease
 
 DEFAULT_MUTEX = "mutex:default_account"
 
@@ -58,11 +58,30 @@ async def clear_default(session: AsyncSession, *, except_id: str) -> list[str]:
     return ids
 
 
-async def insert_account(session: AsyncSession, account: Account, state: AccountState) -> None:
+async def insert_account(
+    session: AsyncSession, account: Account, state: AccountState, credential: AccountCredential | None = None
+) -> None:
     session.add(account)
     await flush_or_conflict(session)
     session.add(state)
+    if credential is not None:
+        session.add(credential)
     await session.flush()
+
+
+async def save_credential(session: AsyncSession, account_id: str, values: Mapping[str, Any]) -> None:
+    """Write the account's credentials row, creating it for an account written by someone else."""
+    values = {**values, "updated_at": utcnow()}
+    result = await session.execute(
+        update(AccountCredential)
+        .where(AccountCredential.account_id == account_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        defaults: dict[str, Any] = {"credential_type": "client_secret", "previous_secret_in_use": False}
+        session.add(AccountCredential(account_id=account_id, **(defaults | values)))
+        await session.flush()
 
 
 async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
@@ -94,15 +113,14 @@ async def account_name(session: AsyncSession, account_id: str) -> str | None:
 
 
 async def list_accounts(
-    session: AsyncSession, *, limit: int, offset: int
+    session: AsyncSession, *, limit: int, offset: int, credential_expires_before: datetime | None = None
 ) -> list[tuple[Account, AccountState]]:
-    rows = await session.execute(
-        select(Account, AccountState)
-        .join(AccountState, AccountState.account_id == Account.id)
-        .order_by(Account.name, Account.id)
-        .limit(limit)
-        .offset(offset)
-    )
+    stmt = select(Account, AccountState).join(AccountState, AccountState.account_id == Account.id)
+    if credential_expires_before is not None:
+        stmt = stmt.join(AccountCredential, AccountCredential.account_id == Account.id).where(
+            AccountCredential.credential_expires_at < credential_expires_before
+        )
+    rows = await session.execute(stmt.order_by(Account.name, Account.id).limit(limit).offset(offset))
     return [(a, s) for a, s in rows]
 
 

@@ -9,6 +9,9 @@
 * keepalive: Azure refresh tokens die after 90 days unused; every authorization-code account not
   refreshed within ``BROKER_KEEPALIVE_INTERVAL_SECONDS`` is refreshed. The token row lock makes
   this one replica at a time per account; the others see the fresh ``last_refreshed_at``.
+* credential expiry (every ``BROKER_CREDENTIAL_SCAN_INTERVAL_SECONDS``): one notice event per
+  account and stage (``accounts/expiry.py``), which the webhook delivers, and the
+  ``broker_credentials_expiring`` gauge.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.accounts import expiry
 from service.accounts import repository as accounts_repo
 from service.accounts.status import Status
 from service.errors import BrokerError
@@ -51,6 +55,14 @@ class Background:
     keystore: KeyStore
     broker: TokenBroker
     metrics: Metrics
+    clock: Callable[[], datetime] = field(default=timeutil.utcnow)  # naive UTC; tests pass a fake
+
+    async def credential_expiry_once(self) -> int:
+        """Send the expiry notices due now and set the gauge; returns how many were sent."""
+        sent, counts = await expiry.scan(self.sessions, self.clock())
+        for within, count in counts.items():
+            self.metrics.credentials_expiring.labels(within).set(count)
+        return sent
 
     async def sync_once(self) -> None:
         mark = self.keystore.mark()
@@ -115,7 +127,9 @@ class Background:
     def start(self) -> list[asyncio.Task[None]]:
         sync = self.settings.sync_interval_seconds
         keep = min(3600.0, self.settings.keepalive_interval_seconds / 24)
+        scan = self.settings.credential_scan_interval_seconds
         return [
+            asyncio.create_task(_every(lambda: scan, self.credential_expiry_once, "credential expiry")),
             asyncio.create_task(_every(lambda: sync, self.sync_once, "sync")),
             asyncio.create_task(
                 _every(lambda: keep * (0.5 + random.random()), self.keepalive_once, "keepalive")  # noqa: S311

@@ -196,6 +196,38 @@ async def lock_account_version(session: AsyncSession, account_id: str) -> int | 
     return (row[1] or 0) if row is not None and row[0] == account_id else None
 
 
+async def credential_expiries(session: AsyncSession) -> list[tuple[str, str, datetime, str | None]]:
+    """(id, credential type, expires at, last expiry notice) of every account with an expiry date."""
+    rows = await session.execute(
+        select(
+            AccountCredential.account_id,
+            AccountCredential.credential_type,
+            AccountCredential.credential_expires_at,
+            AccountCredential.expiry_notified,
+        ).where(AccountCredential.credential_expires_at.is_not(None))
+    )
+    return [(i, k, e, n) for i, k, e, n in rows if e is not None]
+
+
+async def claim_expiry_stage(
+    session: AsyncSession, account_id: str, *, expires_at: datetime, was: str | None, stage: str
+) -> bool:
+    """Record ``stage`` as notified if the expiry date and the last notice are still what the scan
+    read (``was``): one replica wins, and a credential replaced meanwhile is left alone."""
+    last = AccountCredential.expiry_notified
+    result = await session.execute(
+        update(AccountCredential)
+        .where(
+            AccountCredential.account_id == account_id,
+            last.is_(None) if was is None else last == was,
+            AccountCredential.credential_expires_at == expires_at,
+        )
+        .values(expiry_notified=stage)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
 async def status_counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(AccountState.status, func.count()).group_by(AccountState.status))
     return {str(status): int(count) for status, count in rows}

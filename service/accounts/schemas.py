@@ -38,7 +38,7 @@ def _pem_text(value: str | None) -> str | None:
 
 
 # One PEM with the private key and its X.509 certificate (and optionally its chain).
-CertificatePem = Annotated[str, StringConstraints(min_length=1, max_length=65_536), AfterValidator(_pem_text)]
+CertificatePem = Annotated[str, StringConstraints(min_length=1, max_length=32_768), AfterValidator(_pem_text)]
 
 
 def _certificate_field() -> Any:

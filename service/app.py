@@ -89,7 +89,12 @@ async def build_context(settings: Settings) -> Context:
         keys=KeyService(sessions=sessions, keystore=keystore),
         secrets=secrets,
         background=Background(
-            settings=settings, sessions=sessions, keystore=keystore, broker=broker, metrics=metrics
+            settings=settings,
+            sessions=sessions,
+            keystore=keystore,
+            broker=broker,
+            metrics=metrics,
+            federated=secrets.federated,
         ),
     )
 

@@ -5,6 +5,8 @@ Invariants: the token file is read again whenever its modification time, size or
 memory; its content is never logged or put in a message; a missing, unreadable, empty, malformed or
 expired file is ``InvalidCredentials`` naming the setting (the account cannot authenticate until a
 person or the kubelet fixes the file). Scope: one reader per process, shared by every account.
+Such a refusal is lifted by ``recover`` once the file works again: the account's state goes back
+to ``ready`` and its VERSION moves, so every replica drops its hold within a sync interval.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import threading
 from typing import Any
 
 import jwt
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.accounts import repository as repo
+from service.accounts.status import Status
 from service.errors import InvalidCredentials
 
 log = logging.getLogger("service.accounts")
@@ -85,3 +90,35 @@ class FederatedTokenFile:
         exp = claims.get("exp")
         log.info("federated token file read", extra={"bytes": size})
         return token, float(exp) if isinstance(exp, int | float) else None
+
+
+async def recover(
+    sessions: async_sessionmaker[AsyncSession], reader: FederatedTokenFile, now: float
+) -> list[str]:
+    """Accounts that failed only because of the token file, made ready again when it works now."""
+    async with sessions() as session:
+        failed = await repo.accounts_failed_with(session, FILE_ERROR)
+    if not failed:
+        return []
+    try:
+        reader.assertion("", now)
+    except InvalidCredentials:
+        return []  # still broken: nothing changes
+    recovered = []
+    for account_id in failed:
+        async with sessions() as session, session.begin():
+            row = await repo.lock_account_state(session, account_id)
+            if row is None or row[1].last_error_code != FILE_ERROR:
+                continue
+            await repo.update_state(
+                session,
+                account_id,
+                {"status": Status.READY, "last_error_code": None, "last_error_message": None, "failures": 0},
+            )
+            await repo.update_account_columns(session, account_id, {}, expected_version=None)
+            detail = {"from": row[1].status, "to": Status.READY, "code": "federated_token_file_readable"}
+            await repo.add_event(session, account_id=account_id, kind="status_changed", detail=detail)
+        recovered.append(account_id)
+    if recovered:
+        log.info("federated token file readable again", extra={"count": len(recovered)})
+    return recovered

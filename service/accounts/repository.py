@@ -228,6 +228,16 @@ async def claim_expiry_stage(
     return bool(getattr(result, "rowcount", 0))
 
 
+async def accounts_failed_with(session: AsyncSession, code: str) -> list[str]:
+    """Accounts whose last refusal has this code and which still say so (invalid_credentials)."""
+    rows = await session.execute(
+        select(AccountState.account_id).where(
+            AccountState.last_error_code == code, AccountState.status == Status.INVALID_CREDENTIALS
+        )
+    )
+    return list(rows.scalars())
+
+
 async def status_counts(session: AsyncSession) -> dict[str, int]:
     rows = await session.execute(select(AccountState.status, func.count()).group_by(AccountState.status))
     return {str(status): int(count) for status, count in rows}

@@ -236,11 +236,12 @@ async def federated(sqlite_url: str, tmp_path: Path, run_app: Any) -> AsyncItera
         yield running, path
 
 
-async def test_federated_account_sends_the_token_file_and_follows_its_rotation(
+async def test_federated_account_sends_the_token_file_follows_its_rotation_and_recovers(
     federated: tuple[Any, Path], idp: respx.MockRouter, fake: FakeIdpState
 ) -> None:
     """The projected token is the assertion; when the kubelet rotates the file, the next refresh
-    sends the new one; a missing file is invalid_credentials naming the setting."""
+    sends the new one; a missing file is invalid_credentials naming the setting, lifted once the
+    file is back."""
     running, path = federated
     fake.add_client(CLIENT_ID, federated_subjects=[SUBJECT, "system:serviceaccount:broker:other"])
     path.write_text(federated_token(time.time() + 3600))
@@ -265,6 +266,13 @@ async def test_federated_account_sends_the_token_file_and_follows_its_rotation(
     assert "BROKER_FEDERATED_TOKEN_FILE" in got["last_error"]["message"]
     assert rotated not in r.text
     assert rotated not in json.dumps(got)
+    # Still broken: recovery changes nothing. Repaired: the account is ready again, tokens come.
+    assert await running.ctx.background.federated_recovery_once() == []
+    path.write_text(federated_token(time.time() + 3600))
+    assert other["id"] in await running.ctx.background.federated_recovery_once()
+    got = (await running.client.get(f"/accounts/{other['id']}", headers=admin())).json()
+    assert got["status"] == "ready"
+    assert (await token(running, other["id"])).status_code == 200
 
 
 async def test_replaced_secret_falls_back_until_the_new_one_works(

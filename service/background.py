@@ -151,7 +151,9 @@ class Background:
             )
         return [
             *tasks,
-            asyncio.create_task(_every(lambda: scan, self.credential_expiry_once, "credential expiry")),
+            asyncio.create_task(
+                _every(lambda: scan, self.credential_expiry_once, "credential expiry", first=0.0)
+            ),
             asyncio.create_task(_every(lambda: sync, self.sync_once, "sync")),
             asyncio.create_task(
                 _every(lambda: keep * (0.5 + random.random()), self.keepalive_once, "keepalive")  # noqa: S311
@@ -159,9 +161,19 @@ class Background:
         ]
 
 
-async def _every(seconds: Callable[[], float], work: Callable[[], Awaitable[object]], name: str) -> None:
+async def _every(
+    seconds: Callable[[], float],
+    work: Callable[[], Awaitable[object]],
+    name: str,
+    *,
+    first: float | None = None,
+) -> None:
+    """Run ``work`` every ``seconds()``; the first time after ``first`` seconds when given (the
+    expiry gauge should not wait a whole interval after start-up)."""
+    wait = first
     while True:
-        await asyncio.sleep(seconds())
+        await asyncio.sleep(seconds() if wait is None else wait)
+        wait = None
         try:
             await work()
         except asyncio.CancelledError:

@@ -3,6 +3,7 @@ fallback, and expiry dates, against a fake Azure AD that checks every assertion 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -338,3 +339,23 @@ async def test_secret_expiry_is_listed_with_credential_expires_before(running: A
     assert r.json()["client_secret_expires_at"] is None
     assert b["id"]
     assert c["id"]
+
+
+async def test_an_expiry_stage_is_claimed_once_whoever_scans(running: Any) -> None:
+    """Two replicas scanning at once: the conditional claim lets one write the notice, and a
+    credential replaced since the scan read it (a new date) is not claimed for the old one."""
+    from service.accounts import expiry
+    from service.accounts import repository as accounts_repo
+
+    soon = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
+    account = await create(running, client_secret_expires_at=soon.isoformat())
+    now = datetime.now(UTC).replace(tzinfo=None)
+    results = await asyncio.gather(*(expiry.scan(running.ctx.sessions, now) for _ in range(4)))
+    assert sum(sent for sent, _ in results) == 1
+    assert (await events(running, account["id"])).count("credential_expiring") == 1
+    async with running.ctx.sessions() as session, session.begin():
+        stale = soon.replace(tzinfo=None) - timedelta(days=1)
+        claimed = await accounts_repo.claim_expiry_stage(
+            session, account["id"], expires_at=stale, was="7d", stage="1d"
+        )
+    assert claimed is False

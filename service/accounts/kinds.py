@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.accounts import certificates
+from service.accounts.credentials import AccountSecrets
 from service.errors import InvalidInput
 from service.kit import sealing, timeutil
 from service.kit.crypto import Keyring
+from service.models import Account
 
 # Fields only one kind takes (a null client_secret, which clears, is allowed whatever the kind).
 OWN_FIELDS = {
@@ -68,3 +70,29 @@ def cleared_for(kind: str) -> dict[str, Any]:
 
 def naive_utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC).replace(tzinfo=None) if value and value.tzinfo else value
+
+
+def patch_values(
+    keyring: Keyring, secrets: AccountSecrets, account: Account, changes: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The credentials row's new columns for a PATCH (422 for a field the account's kind does not
+    use); a replaced client secret is kept as the previous one (``AccountSecrets.as_previous``)."""
+    stored = account.credential.credential_type if account.credential else "client_secret"
+    kind = changes.get("credential_type") or stored
+    check(kind, changes, needs_certificate=kind != stored)
+    values: dict[str, Any] = cleared_for(kind) if kind != stored else {}
+    if changes.get("certificate"):
+        values |= certificate_columns(keyring, account.id, changes["certificate"])
+    if kind == "client_secret" and "client_secret" in changes:
+        values |= {
+            "previous_client_secret": secrets.as_previous(account, changes["client_secret"]),
+            "previous_secret_in_use": False,
+            "credential_expires_at": None,  # the old secret's expiry says nothing of the new one
+            "expiry_notified": None,
+        }
+    if kind == "client_secret" and "client_secret_expires_at" in changes:
+        values |= {
+            "credential_expires_at": naive_utc(changes["client_secret_expires_at"]),
+            "expiry_notified": None,
+        }
+    return values

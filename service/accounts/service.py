@@ -248,7 +248,7 @@ class AccountService:
                     f"The account is at version {account.version or 0}, not {if_match}: read it again."
                 )
             columns = self._columns(account_id, changes)
-            credential = self._credential_changes(account, changes)
+            credential = kinds.patch_values(self._keyring, self._secrets, account, changes)
             if "credential_type" in credential and credential["credential_type"] != "client_secret":
                 columns["client_secret"] = None  # no stored secret outlives its kind
             if credential:
@@ -273,28 +273,6 @@ class AccountService:
             default=bool(changes["default_account"]) if "default_account" in changes else None,
         )
         return to_out(*row)
-
-    def _credential_changes(self, account: Account, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """The credentials row's new columns (422 for a field the account's kind does not use)."""
-        stored = account.credential.credential_type if account.credential else "client_secret"
-        kind = changes.get("credential_type") or stored
-        kinds.check(kind, changes, needs_certificate=kind != stored)
-        values: dict[str, Any] = kinds.cleared_for(kind) if kind != stored else {}
-        if changes.get("certificate"):
-            values |= kinds.certificate_columns(self._keyring, account.id, changes["certificate"])
-        if kind == "client_secret" and "client_secret" in changes:
-            values |= {
-                "previous_client_secret": self._secrets.as_previous(account, changes["client_secret"]),
-                "previous_secret_in_use": False,
-                "credential_expires_at": None,  # the old secret's expiry says nothing of the new one
-                "expiry_notified": None,
-            }
-        if kind == "client_secret" and "client_secret_expires_at" in changes:
-            values |= {
-                "credential_expires_at": kinds.naive_utc(changes["client_secret_expires_at"]),
-                "expiry_notified": None,
-            }
-        return values
 
     def _columns(self, account_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
         columns = {k: v for k, v in changes.items() if k in COLUMN_FIELDS}

@@ -18,6 +18,7 @@ from fastapi_offline import FastAPIOffline
 from service import bootstrap
 from service.accounts import endpoints as accounts
 from service.accounts.credentials import AccountSecrets
+from service.accounts.federated import FederatedTokenFile
 from service.accounts.service import AccountService
 from service.api import problems
 from service.api.middleware import AccessLog, BodyLimit, RequireKey
@@ -74,7 +75,7 @@ async def build_context(settings: Settings) -> Context:
     )
     metrics = Metrics()
     azure = AzureADClient(http, policy, timeout=settings.idp_timeout_seconds)
-    secrets = AccountSecrets(keyring)
+    secrets = AccountSecrets(keyring, FederatedTokenFile(settings.federated_token_file))
     verifier = ServiceAccountVerifier(settings, http, keystore) if settings.k8s_issuer else None
     broker = TokenBroker(
         sessions=sessions, azure=azure, keyring=keyring, secrets=secrets, settings=settings, metrics=metrics
@@ -96,7 +97,12 @@ async def build_context(settings: Settings) -> Context:
         verifier=verifier,
         secrets=secrets,
         background=Background(
-            settings=settings, sessions=sessions, keystore=keystore, broker=broker, metrics=metrics
+            settings=settings,
+            sessions=sessions,
+            keystore=keystore,
+            broker=broker,
+            metrics=metrics,
+            federated=secrets.federated,
         ),
     )
 

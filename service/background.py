@@ -9,6 +9,11 @@
 * keepalive: Azure refresh tokens die after 90 days unused; every authorization-code account not
   refreshed within ``BROKER_KEEPALIVE_INTERVAL_SECONDS`` is refreshed. The token row lock makes
   this one replica at a time per account; the others see the fresh ``last_refreshed_at``.
+* credential expiry (every ``BROKER_CREDENTIAL_SCAN_INTERVAL_SECONDS``): one notice event per
+  account and stage (``accounts/expiry.py``), which the webhook delivers, and the
+  ``broker_credentials_expiring`` gauge.
+* federated recovery (every ``FEDERATED_RECOVERY_SECONDS``, only with a token file set): accounts
+  refused because the token file was missing or expired are made ready once it works again.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.accounts import expiry, federated
 from service.accounts import repository as accounts_repo
+from service.accounts.federated import FederatedTokenFile
 from service.accounts.status import Status
 from service.errors import BrokerError
 from service.keys import repository as keys_repo
@@ -40,6 +47,9 @@ KEY_USAGE_EVERY_SECONDS = 60.0
 # A stopping replica gives the database this long to take the pending key usage; shutdown must
 # finish within Kubernetes' grace period whether or not the database answers.
 FLUSH_TIMEOUT_SECONDS = 3.0
+# The kubelet rewrites a projected token well before it expires; a broken file is noticed by the
+# next refresh, its repair within this many seconds.
+FEDERATED_RECOVERY_SECONDS = 15.0
 
 
 @dataclass
@@ -51,6 +61,23 @@ class Background:
     keystore: KeyStore
     broker: TokenBroker
     metrics: Metrics
+    clock: Callable[[], datetime] = field(default=timeutil.utcnow)  # naive UTC; tests pass a fake
+    federated: FederatedTokenFile | None = None
+
+    async def federated_recovery_once(self) -> list[str]:
+        if self.federated is None or not self.federated.path:
+            return []
+        recovered = await federated.recover(self.sessions, self.federated, timeutil.to_epoch(self.clock()))
+        for account_id in recovered:
+            self.broker.account_changed(account_id, credentials=True)
+        return recovered
+
+    async def credential_expiry_once(self) -> int:
+        """Send the expiry notices due now and set the gauge; returns how many were sent."""
+        sent, counts = await expiry.scan(self.sessions, self.clock())
+        for within, count in counts.items():
+            self.metrics.credentials_expiring.labels(within).set(count)
+        return sent
 
     async def sync_once(self) -> None:
         mark = self.keystore.mark()
@@ -126,7 +153,18 @@ class Background:
     def start(self) -> list[asyncio.Task[None]]:
         sync = self.settings.sync_interval_seconds
         keep = min(3600.0, self.settings.keepalive_interval_seconds / 24)
+        scan = self.settings.credential_scan_interval_seconds
+        tasks = []
+        if self.federated is not None and self.federated.path:
+            every = FEDERATED_RECOVERY_SECONDS
+            tasks.append(
+                asyncio.create_task(_every(lambda: every, self.federated_recovery_once, "federated"))
+            )
         return [
+            *tasks,
+            asyncio.create_task(
+                _every(lambda: scan, self.credential_expiry_once, "credential expiry", first=0.0)
+            ),
             asyncio.create_task(_every(lambda: sync, self.sync_once, "sync")),
             asyncio.create_task(
                 _every(lambda: keep * (0.5 + random.random()), self.keepalive_once, "keepalive")  # noqa: S311
@@ -134,9 +172,19 @@ class Background:
         ]
 
 
-async def _every(seconds: Callable[[], float], work: Callable[[], Awaitable[object]], name: str) -> None:
+async def _every(
+    seconds: Callable[[], float],
+    work: Callable[[], Awaitable[object]],
+    name: str,
+    *,
+    first: float | None = None,
+) -> None:
+    """Run ``work`` every ``seconds()``; the first time after ``first`` seconds when given (the
+    expiry gauge should not wait a whole interval after start-up)."""
+    wait = first
     while True:
-        await asyncio.sleep(seconds())
+        await asyncio.sleep(seconds() if wait is None else wait)
+        wait = None
         try:
             await work()
         except asyncio.CancelledError:

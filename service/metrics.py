@@ -83,6 +83,13 @@ class Metrics:
             "Rotated refresh tokens that could not be stored (the old one must still work)",
             registry=r,
         )
+        self.credentials_expiring = Gauge(
+            "broker_credentials_expiring",
+            "Accounts whose secret or certificate expires within 30 or 7 days (not yet expired), or "
+            "has expired",
+            ["within"],
+            registry=r,
+        )
         self.webhook_deliveries = Counter(
             "broker_webhook_deliveries", "Webhook deliveries by outcome", ["outcome"], registry=r
         )

@@ -24,7 +24,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import mysql
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from service.accounts.status import Status
 
@@ -74,6 +74,9 @@ class Account(Base):
     authorization_url: Mapped[str] = mapped_column("AUTHORIZATION_URL", String(255), nullable=False)
     token_url: Mapped[str] = mapped_column("TOKEN_URL", String(255), nullable=False)
     api_url: Mapped[str] = mapped_column("API_URL", String(255), nullable=False)
+    # Loaded with the row (one LEFT JOIN, no extra statement): what the account authenticates with
+    # beyond the seed's CLIENT_SECRET. None for a row written by someone else: a client secret.
+    credential: Mapped[AccountCredential | None] = relationship(lazy="joined", uselist=False, viewonly=True)
 
 
 class AccountState(Base):
@@ -99,6 +102,30 @@ class AccountState(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, nullable=True)
     failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
+
+
+class AccountCredential(Base):
+    """How an account authenticates to Azure AD when it is more than the seed's client secret.
+
+    ``certificate`` and ``previous_client_secret`` hold ciphertext sealed to this row and column
+    (``kit/sealing.py``); the thumbprint and expiry are public facts about the certificate or
+    secret. ``expiry_notified`` is the last expiry notice sent for ``credential_expires_at``.
+    """
+
+    __tablename__ = "broker_account_credentials"
+    __table_args__ = MYSQL_TABLE
+
+    account_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("ms_dynamics_365_data.ID", ondelete="CASCADE"), primary_key=True
+    )
+    credential_type: Mapped[str] = mapped_column(String(16), nullable=False, default="client_secret")
+    certificate: Mapped[str | None] = mapped_column(MEDIUMTEXT, nullable=True)
+    certificate_thumbprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    credential_expires_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, nullable=True)
+    previous_client_secret: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    previous_secret_in_use: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    expiry_notified: Mapped[str | None] = mapped_column(String(16), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./var/token-broker.db"
@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     # How long a gap in event ids may be an uncommitted transaction before it is skipped (MySQL).
     webhook_gap_grace_seconds: float = Field(default=10.0, ge=0, le=300)
     create_schema: bool = False
+    # How often a replica looks for expiring credentials (notices and broker_credentials_expiring).
+    credential_scan_interval_seconds: float = Field(default=900.0, gt=0, le=86_400)
+    # Workload identity federation: the projected service-account token that accounts with
+    # credential_type "federated" send as their client assertion. Azure Workload Identity's webhook
+    # sets AZURE_FEDERATED_TOKEN_FILE; BROKER_FEDERATED_TOKEN_FILE wins when both are set.
+    federated_token_file: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "BROKER_FEDERATED_TOKEN_FILE", "AZURE_FEDERATED_TOKEN_FILE", "federated_token_file"
+        ),
+    )
 
     # Kubernetes service-account callers (DESIGN.md "Service-account callers"); unset issuer: off.
     k8s_issuer: str | None = None

@@ -23,14 +23,17 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import httpx
+import jwt
 import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -50,9 +53,16 @@ GARBAGE = "<!DOCTYPE html><html><head><title>Sign in to your account</title></he
 
 @dataclass
 class Client:
-    secret: str | None  # None: a public client, no secret checked
+    secret: str | None  # None: a public client, no secret checked (unless it has certificates)
     tenant: str | None  # None: any tenant
     redirect_uris: list[str] | None  # None: any redirect_uri
+    other_secrets: list[str] = field(default_factory=list)  # also valid (a secret being rotated)
+    certificates: dict[str, Any] = field(default_factory=dict)  # x5t#S256 -> public key
+    federated_subjects: list[str] = field(default_factory=list)  # sub claims a federated token may carry
+
+    @property
+    def confidential(self) -> bool:
+        return self.secret is not None or bool(self.certificates or self.federated_subjects)
 
 
 @dataclass
@@ -75,6 +85,7 @@ class FakeIdpState:
         self.refresh_tokens: dict[str, Grant] = {}
         self.codes: dict[str, Grant] = {}
         self.access_tokens: dict[str, tuple[str, float]] = {}  # token -> (client_id, expires_at)
+        self.assertion_ids: set[str] = set()  # jti of every certificate assertion seen (no replay)
         self.config: dict[str, Any] = dict(DEFAULTS)
         self.release_event = asyncio.Event()
         self.in_flight, self.held = 0, 0
@@ -94,8 +105,19 @@ class FakeIdpState:
         client_secret: str | None = None,
         tenant: str | None = None,
         redirect_uris: Any = None,
+        other_secrets: Any = (),
+        certificates: Any = (),
+        federated_subjects: Any = (),
     ) -> str:
-        self.clients[client_id] = Client(client_secret, tenant, redirect_uris)
+        """Register (or replace) a client; ``certificates``: PEM certificates it trusts."""
+        keys = {}
+        for pem in certificates:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+            digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+            keys[_b64(digest)] = cert.public_key()
+        self.clients[client_id] = Client(
+            client_secret, tenant, redirect_uris, list(other_secrets), keys, list(federated_subjects)
+        )
         return client_id
 
     def add_refresh_token(
@@ -131,6 +153,7 @@ class FakeIdpState:
             if not grant.used:
                 valid[grant.client_id].append(token)
         keys = ("by_grant", "by_client", "refresh_by_client", "errors", "faults", "max_in_flight_by_client")
+        keys += ("assertions",)
         names = ("token_calls", "reuse", "secret_in_authorize_url", "authorize_calls", "whoami_calls")
         return {
             **{name: self.totals[name] for name in names},
@@ -305,15 +328,101 @@ def _client(request: Request, client_id: str) -> Client | None:
     return client
 
 
-def _check_client(request: Request, client_id: str, secret: str | None) -> Response | None:
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+FEDERATED_AUDIENCE = "api://AzureADTokenExchange"
+MAX_ASSERTION_LIFETIME = 600
+
+
+def _check_client(
+    request: Request, client_id: str, secret: str | None, form: dict[str, str] | None = None
+) -> Response | None:
     client, tenant = _client(request, client_id), request.path_params["tenant"]
     if client is None:
         msg = f"Application with identifier '{client_id}' was not found in the directory '{tenant}'."
         return _azure_error(request, 400, "unauthorized_client", 700016, msg)
-    if client.secret is not None and not secret:
+    form = form or {}
+    if "client_assertion" in form or "client_assertion_type" in form:
+        if secret:
+            msg = "Only one client credential may be presented: 'client_assertion' or 'client_secret'."
+            return _azure_error(request, 401, "invalid_client", 7000219, msg)
+        return _check_assertion(request, client, client_id, form)
+    if client.confidential and not secret:
         msg = "The request body must contain the following parameter: 'client_assertion' or 'client_secret'."
         return _azure_error(request, 401, "invalid_client", 7000218, msg)
-    return _bad_secret(request, client_id) if client.secret not in (None, secret) else None
+    if client.secret is None and not client.confidential:
+        return None
+    return None if secret in (client.secret, *client.other_secrets) else _bad_secret(request, client_id)
+
+
+def _check_assertion(  # noqa: PLR0911 - one return per refusal, as Azure lists them
+    request: Request, client: Client, client_id: str, form: dict[str, str]
+) -> Response | None:
+    """Azure's checks of a client assertion: its type, then a certificate's signature and claims
+    (x5t#S256 names a registered certificate), or a federated token's audience and subject."""
+    st, assertion = _state(request), form.get("client_assertion", "")
+    if form.get("client_assertion_type") != ASSERTION_TYPE or not assertion:
+        msg = "The client_assertion_type or client_assertion is missing or not supported."
+        return _azure_error(request, 400, "invalid_request", 50027, msg)
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return _azure_error(
+            request, 401, "invalid_client", 50027, "Invalid JWT token. The token is malformed."
+        )
+    now = time.time()
+    if "x5t#S256" not in header:
+        return _check_federated(request, client, claims, now)
+    key = client.certificates.get(header["x5t#S256"])
+    if key is None or header.get("alg") != "PS256":
+        msg = f"Client assertion contains an invalid signature. [Reason - The key was not found., Thumbprint of key used by client: '{header.get('x5t#S256')}']"  # noqa: E501
+        return _azure_error(request, 401, "invalid_client", 700027, msg)
+    audience = str(request.url.replace(query=""))
+    try:
+        claims = jwt.decode(
+            assertion,
+            key,
+            algorithms=["PS256"],
+            audience=audience,
+            issuer=client_id,
+            options={"require": ["aud", "iss", "sub", "jti", "exp", "nbf", "iat"]},
+        )
+    except jwt.ExpiredSignatureError:
+        return _azure_error(
+            request, 401, "invalid_client", 700024, "Client assertion is not within its valid time range."
+        )
+    except jwt.InvalidAudienceError:
+        msg = f"The audience claim in the client assertion is invalid; expected '{audience}'."
+        return _azure_error(request, 401, "invalid_client", 700211, msg)
+    except jwt.PyJWTError as exc:
+        return _azure_error(
+            request, 401, "invalid_client", 700027, f"Client assertion failed validation: {exc}."
+        )
+    if claims["sub"] != client_id or claims["exp"] - claims["nbf"] > MAX_ASSERTION_LIFETIME:
+        msg = "The client assertion's subject or lifetime is invalid."
+        return _azure_error(request, 401, "invalid_client", 700023, msg)
+    if claims["jti"] in st.assertion_ids:
+        return _azure_error(request, 401, "invalid_client", 7000272, "The client assertion was already used.")
+    st.assertion_ids.add(claims["jti"])
+    st.counters["assertions"]["certificate"] += 1
+    return None
+
+
+def _check_federated(request: Request, client: Client, claims: dict[str, Any], now: float) -> Response | None:
+    """A federated token (its signature is the cluster issuer's: not checked by the fake)."""
+    if claims.get("aud") not in (FEDERATED_AUDIENCE, [FEDERATED_AUDIENCE]):
+        msg = "No matching federated identity record found for presented assertion audience."
+        return _azure_error(request, 400, "invalid_client", 700212, msg)
+    if not isinstance(claims.get("exp"), int | float) or claims["exp"] <= now:
+        return _azure_error(
+            request, 401, "invalid_client", 700024, "Client assertion is not within its valid time range."
+        )
+    if claims.get("sub") not in client.federated_subjects:
+        msg = "No matching federated identity record found for presented assertion subject "
+        msg += f"'{claims.get('sub')}'."
+        return _azure_error(request, 400, "invalid_client", 70021, msg)
+    _state(request).counters["assertions"]["federated"] += 1
+    return None
 
 
 async def _token(request: Request, form: dict[str, str], client_id: str, secret: str | None) -> Response:
@@ -327,7 +436,7 @@ async def _token(request: Request, form: dict[str, str], client_id: str, secret:
         await asyncio.sleep(float(st.config["delay"]))
     if fault := _fault(request, st.config["mode"], client_id):
         return fault
-    if problem := _check_client(request, client_id, secret):
+    if problem := _check_client(request, client_id, secret, form):
         return problem
     grant_type = form.get("grant_type", "")
     if not form.get(needed := NEEDS.get(grant_type, "grant_type")):
@@ -404,7 +513,8 @@ async def whoami(request: Request) -> Response:
     )
 
 
-CLIENT_KEYS = ("client_id", "client_secret", "tenant", "redirect_uris")
+CLIENT_KEYS = ("client_id", "client_secret", "tenant", "redirect_uris", "other_secrets", "certificates")
+CLIENT_KEYS += ("federated_subjects",)
 TOKEN_KEYS = ("client_id", "refresh_token", "resource", "scope")
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 
 from service.accounts.schemas import AccountCreate, AccountList, AccountOut, AccountPatch, EventList
 from service.api.deps import AccountId, Admin, Ctx, Limit, Offset
@@ -52,9 +53,24 @@ async def create_account(body: AccountCreate, ctx: Ctx, admin: Admin, response: 
     return account
 
 
+ExpiresBefore = Annotated[
+    datetime | None,
+    Query(description="Only accounts whose credential expires before this instant (RFC 3339)"),
+]
+
+
 @router.get("", response_model=AccountList, responses=ERRORS, summary="List accounts")
-async def list_accounts(ctx: Ctx, _: Admin, limit: Limit = 50, offset: Offset = 0) -> AccountList:
-    return AccountList(items=await ctx.accounts.page(limit=limit, offset=offset), limit=limit, offset=offset)
+async def list_accounts(
+    ctx: Ctx,
+    _: Admin,
+    limit: Limit = 50,
+    offset: Offset = 0,
+    credential_expires_before: ExpiresBefore = None,
+) -> AccountList:
+    items = await ctx.accounts.page(
+        limit=limit, offset=offset, credential_expires_before=credential_expires_before
+    )
+    return AccountList(items=items, limit=limit, offset=offset)
 
 
 @router.get(

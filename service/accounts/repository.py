@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.accounts.status import Status
 from service.errors import NameConflict
 from service.kit.timeutil import storable_id, utcnow
-from service.models import Account, AccountState, Event, Lease
+from service.models import Account, AccountCredential, AccountState, Event, Lease
 
 DEFAULT_MUTEX = "mutex:default_account"
 
@@ -58,11 +58,30 @@ async def clear_default(session: AsyncSession, *, except_id: str) -> list[str]:
     return ids
 
 
-async def insert_account(session: AsyncSession, account: Account, state: AccountState) -> None:
+async def insert_account(
+    session: AsyncSession, account: Account, state: AccountState, credential: AccountCredential | None = None
+) -> None:
     session.add(account)
     await flush_or_conflict(session)
     session.add(state)
+    if credential is not None:
+        session.add(credential)
     await session.flush()
+
+
+async def save_credential(session: AsyncSession, account_id: str, values: Mapping[str, Any]) -> None:
+    """Write the account's credentials row, creating it for an account written by someone else."""
+    values = {**values, "updated_at": utcnow()}
+    result = await session.execute(
+        update(AccountCredential)
+        .where(AccountCredential.account_id == account_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if not getattr(result, "rowcount", 0):
+        defaults: dict[str, Any] = {"credential_type": "client_secret", "previous_secret_in_use": False}
+        session.add(AccountCredential(account_id=account_id, **(defaults | values)))
+        await session.flush()
 
 
 async def get_account(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
@@ -94,15 +113,14 @@ async def account_name(session: AsyncSession, account_id: str) -> str | None:
 
 
 async def list_accounts(
-    session: AsyncSession, *, limit: int, offset: int
+    session: AsyncSession, *, limit: int, offset: int, credential_expires_before: datetime | None = None
 ) -> list[tuple[Account, AccountState]]:
-    rows = await session.execute(
-        select(Account, AccountState)
-        .join(AccountState, AccountState.account_id == Account.id)
-        .order_by(Account.name, Account.id)
-        .limit(limit)
-        .offset(offset)
-    )
+    stmt = select(Account, AccountState).join(AccountState, AccountState.account_id == Account.id)
+    if credential_expires_before is not None:
+        stmt = stmt.join(AccountCredential, AccountCredential.account_id == Account.id).where(
+            AccountCredential.credential_expires_at < credential_expires_before
+        )
+    rows = await session.execute(stmt.order_by(Account.name, Account.id).limit(limit).offset(offset))
     return [(a, s) for a, s in rows]
 
 
@@ -176,6 +194,48 @@ async def lock_account_version(session: AsyncSession, account_id: str) -> int | 
         )
     ).first()
     return (row[1] or 0) if row is not None and row[0] == account_id else None
+
+
+async def credential_expiries(session: AsyncSession) -> list[tuple[str, str, datetime, str | None]]:
+    """(id, credential type, expires at, last expiry notice) of every account with an expiry date."""
+    rows = await session.execute(
+        select(
+            AccountCredential.account_id,
+            AccountCredential.credential_type,
+            AccountCredential.credential_expires_at,
+            AccountCredential.expiry_notified,
+        ).where(AccountCredential.credential_expires_at.is_not(None))
+    )
+    return [(i, k, e, n) for i, k, e, n in rows if e is not None]
+
+
+async def claim_expiry_stage(
+    session: AsyncSession, account_id: str, *, expires_at: datetime, was: str | None, stage: str
+) -> bool:
+    """Record ``stage`` as notified if the expiry date and the last notice are still what the scan
+    read (``was``): one replica wins, and a credential replaced meanwhile is left alone."""
+    last = AccountCredential.expiry_notified
+    result = await session.execute(
+        update(AccountCredential)
+        .where(
+            AccountCredential.account_id == account_id,
+            last.is_(None) if was is None else last == was,
+            AccountCredential.credential_expires_at == expires_at,
+        )
+        .values(expiry_notified=stage)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def accounts_failed_with(session: AsyncSession, code: str) -> list[str]:
+    """Accounts whose last refusal has this code and which still say so (invalid_credentials)."""
+    rows = await session.execute(
+        select(AccountState.account_id).where(
+            AccountState.last_error_code == code, AccountState.status == Status.INVALID_CREDENTIALS
+        )
+    )
+    return list(rows.scalars())
 
 
 async def status_counts(session: AsyncSession) -> dict[str, int]:

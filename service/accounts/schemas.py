@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 
 from service.kit.schemas import Strict, Text255, Timestamp, Url255, ascii_secret, no_control_chars
 
@@ -28,6 +28,33 @@ Secret128 = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 RefreshToken = Annotated[str, StringConstraints(min_length=1, max_length=16_384)]
 
 
+CredentialType = Literal["client_secret", "certificate", "federated"]
+
+
+def _pem_text(value: str | None) -> str | None:
+    if value is not None and (not value.isascii() or "-----BEGIN" not in value):
+        raise ValueError("must be PEM text: the private key and its certificate (-----BEGIN ...)")
+    return value
+
+
+# One PEM with the private key and its X.509 certificate (and optionally its chain).
+CertificatePem = Annotated[str, StringConstraints(min_length=1, max_length=32_768), AfterValidator(_pem_text)]
+
+
+def _certificate_field() -> Any:
+    return Field(
+        default=None,
+        repr=False,  # a private key never in a repr (tracebacks, logs)
+        description="Write-only: one PEM with the unencrypted private key (PKCS#8 or PKCS#1) and its "
+        "X.509 certificate",
+    )
+
+
+def _expires_field() -> Any:
+    # When an admin says the secret expires (Azure's "Expires" column); naive means UTC.
+    return Field(default=None, description="When the client secret expires (RFC 3339)")
+
+
 class AccountCreate(Strict):
     name: Text255
     default_account: bool = False
@@ -39,6 +66,9 @@ class AccountCreate(Strict):
     token_url: Url255
     api_url: Url255
     grant_type: GrantType = "authorization_code"
+    credential_type: CredentialType = "client_secret"
+    certificate: CertificatePem | None = _certificate_field()
+    client_secret_expires_at: Timestamp | None = _expires_field()
 
     _text = field_validator("name", "tenant_id", "client_id", "refresh_token")(no_control_chars)
     _secret = field_validator("client_secret")(ascii_secret)
@@ -57,6 +87,9 @@ class AccountPatch(Strict):
     token_url: Url255 | None = None
     api_url: Url255 | None = None
     grant_type: GrantType | None = None
+    credential_type: CredentialType | None = None
+    certificate: CertificatePem | None = _certificate_field()
+    client_secret_expires_at: Timestamp | None = _expires_field()
 
     _text = field_validator("name", "tenant_id", "client_id", "refresh_token")(no_control_chars)
     _secret = field_validator("client_secret")(ascii_secret)
@@ -82,7 +115,17 @@ class AccountOut(BaseModel):
     token_url: str
     api_url: str
     grant_type: GrantType
+    credential_type: CredentialType = "client_secret"
     has_client_secret: bool
+    has_previous_client_secret: bool = False
+    certificate_thumbprint: str | None = Field(
+        default=None, description="The certificate's x5t#S256: base64url SHA-256 of its DER encoding"
+    )
+    client_secret_expires_at: Timestamp | None = None
+    credential_expires_at: Timestamp | None = Field(
+        default=None,
+        description="When the credential expires: the secret's date or the certificate's notAfter",
+    )
     has_refresh_token: bool
     status: Status
     token_expires_at: Timestamp | None = None

@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.accounts import kinds
 from service.accounts import repository as repo
+from service.accounts.credentials import AccountSecrets
 from service.accounts.schemas import AccountCreate, AccountOut, AccountPatch, EventOut, LastError
 from service.accounts.status import Status
 from service.errors import AccountNotFound, InvalidInput, VersionConflict
 from service.kit import sealing, timeutil
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy, OutboundURLError
-from service.models import Account, AccountState, Event
+from service.models import Account, AccountCredential, AccountState, Event
 
 URL_FIELDS = ("authorization_url", "token_url", "api_url")
 # Fields a token depends on: changing one makes the cached token and the last error moot.
 CREDENTIAL_FIELDS = frozenset(
     {"tenant_id", "client_id", "client_secret", "refresh_token", "token_url", "api_url", "grant_type"}
+    | {"credential_type", "certificate"}
 )
 SECRET_FIELDS = frozenset({"client_secret", "refresh_token"})
 COLUMN_FIELDS = frozenset(
@@ -40,7 +44,12 @@ def initial_status(grant_type: str, has_refresh_token: bool) -> str:
     return Status.READY
 
 
-def to_out(account: Account, state: AccountState) -> AccountOut:
+def to_out(
+    account: Account, state: AccountState, credential: AccountCredential | bool | None = True
+) -> AccountOut:
+    """``credential``: the credentials row, or True for the one loaded with ``account``."""
+    cred = account.credential if credential is True else credential or None
+    kind = cred.credential_type if cred else "client_secret"
     has_refresh = bool(account.refresh_token)
     status = state.status
     if state.grant_type == "authorization_code" and not has_refresh and status != Status.INVALID_CREDENTIALS:
@@ -61,7 +70,12 @@ def to_out(account: Account, state: AccountState) -> AccountOut:
         token_url=account.token_url,
         api_url=account.api_url,
         grant_type=state.grant_type,
+        credential_type=kind,
         has_client_secret=bool(account.client_secret),
+        has_previous_client_secret=bool(cred and cred.previous_client_secret),
+        certificate_thumbprint=cred.certificate_thumbprint if cred else None,
+        client_secret_expires_at=cred.credential_expires_at if cred and kind == "client_secret" else None,
+        credential_expires_at=cred.credential_expires_at if cred else None,
         has_refresh_token=has_refresh,
         status=status,
         token_expires_at=state.token_expires_at,
@@ -109,6 +123,7 @@ class AccountService:
         self._keyring = keyring
         self._policy = policy
         self._listener = listener
+        self._secrets = AccountSecrets(keyring)
 
     def check_urls(self, values: Mapping[str, Any]) -> None:
         errors: list[dict[str, Any]] = []
@@ -125,8 +140,19 @@ class AccountService:
 
     async def create(self, data: AccountCreate, *, actor: str | None) -> AccountOut:
         self.check_urls(data.model_dump())
+        kinds.check(data.credential_type, data.model_dump(exclude_unset=True), needs_certificate=True)
         account_id = str(uuid.uuid4())
         now = timeutil.utcnow()
+        credential = AccountCredential(
+            **({"previous_secret_in_use": False} | kinds.cleared_for(data.credential_type)),
+            account_id=account_id,
+            updated_at=now,
+        )
+        if data.certificate:
+            for name, value in kinds.certificate_columns(self._keyring, account_id, data.certificate).items():
+                setattr(credential, name, value)
+        elif data.credential_type == "client_secret":
+            credential.credential_expires_at = kinds.naive_utc(data.client_secret_expires_at)
         account = Account(
             id=account_id,
             version=1,
@@ -155,21 +181,32 @@ class AccountService:
             if data.default_account:
                 await repo.lock_default_mutex(session)
                 await repo.clear_default(session, except_id=account_id)
-            await repo.insert_account(session, account, state)
+            await repo.insert_account(session, account, state, credential)
             await repo.add_event(
                 session,
                 account_id=account_id,
                 kind="created",
                 actor=actor,
-                detail={"name": data.name, "grant_type": data.grant_type},
+                detail={
+                    "name": data.name,
+                    "grant_type": data.grant_type,
+                    "credential_type": data.credential_type,
+                },
             )
         if data.default_account:
             self._listener.account_changed(account_id, default=True)
-        return to_out(account, state)
+        return to_out(account, state, credential)
 
-    async def page(self, *, limit: int, offset: int) -> list[AccountOut]:
+    async def page(
+        self, *, limit: int, offset: int, credential_expires_before: datetime | None = None
+    ) -> list[AccountOut]:
         async with self._sessions() as session:
-            rows = await repo.list_accounts(session, limit=limit, offset=offset)
+            rows = await repo.list_accounts(
+                session,
+                limit=limit,
+                offset=offset,
+                credential_expires_before=kinds.naive_utc(credential_expires_before),
+            )
         return [to_out(a, s) for a, s in rows]
 
     async def get(self, account_id: str) -> AccountOut:
@@ -211,6 +248,11 @@ class AccountService:
                     f"The account is at version {account.version or 0}, not {if_match}: read it again."
                 )
             columns = self._columns(account_id, changes)
+            credential = kinds.patch_values(self._keyring, self._secrets, account, changes)
+            if "credential_type" in credential and credential["credential_type"] != "client_secret":
+                columns["client_secret"] = None  # no stored secret outlives its kind
+            if credential:
+                await repo.save_credential(session, account_id, credential)
             if changes.get("default_account"):
                 await repo.clear_default(session, except_id=account_id)
             await repo.update_account_columns(session, account_id, columns, expected_version=None)

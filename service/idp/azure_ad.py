@@ -2,12 +2,16 @@
 
 Invariants:
 - each grant makes one HTTP request (``transport.send``: sent once more only when a kept-alive
-  connection drops under it), to a URL the ``OutboundPolicy`` allows (checked before every call),
+  connection drops under it; and once more with the previous client secret when Azure refuses a
+  newly replaced one as ``invalid_client``, as it does while a new secret propagates), to a URL
+  the ``OutboundPolicy`` allows (checked before every call),
   with a bounded timeout and redirects never followed; policy retries belong to the broker;
-- httpx exceptions are translated in one funnel (``_post_token``) and Azure's answers classified in
+- httpx exceptions are translated in one funnel (``_send_grant``) and Azure's answers classified in
   one place (``_classify``): callers get a ``TokenGrant`` or an ``errors`` kind, nothing foreign;
 - no message carries a secret: details are built from OAuth error codes and Azure's sanitised
   description, in which every secret value we sent is replaced by "[redacted]";
+- an account authenticates with exactly one credential per request: a client secret, or a
+  client assertion (certificate or federated token) built for that request, never both;
 - the authorize URL never carries the client secret (the seed's example does: it leaks into
   browser history and proxy logs).
 The URL's path decides the endpoint style: ``/oauth2/v2.0/`` is v2 (``scope``), else v1
@@ -16,6 +20,7 @@ The URL's path decides the endpoint style: ``/oauth2/v2.0/`` is v2 (``scope``), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -23,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
 
 import httpx
@@ -33,7 +38,8 @@ from service.kit.outbound import OutboundPolicy, OutboundURLError
 from service.kit.transport import UnsendableURL, send
 
 # Form fields whose values are secret; anything Azure echoes back has them redacted.
-_SECRET_FIELDS = ("client_secret", "refresh_token", "code", "code_verifier")
+_SECRET_FIELDS = ("client_secret", "client_assertion", "refresh_token", "code", "code_verifier")
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 # Dropped from a configured authorize URL's query: the ones we set, and the seed's leaky extras.
 _DROPPED_PARAMS = frozenset(
     {"response_type", "client_id", "redirect_uri", "state", "resource", "scope", "code_challenge"}
@@ -63,6 +69,10 @@ _AADSTS = {
     54005: "the authorization code was already redeemed",
     7000215: "invalid client secret",
     7000222: "the client secret expired",
+    700027: "the client assertion's signature does not match a certificate of the app",
+    700024: "the client assertion is not within its valid time range",
+    70021: "no federated credential of the app matches the presented token",
+    700016: "the application was not found in the tenant",
     500011: "the API URL's origin is not a resource known to this tenant",
 }
 _AADSTS_IN_TEXT = re.compile(r"AADSTS(\d+)")
@@ -74,6 +84,12 @@ _REDACTED = "[redacted]"
 _ACCEPT_JSON = {"Accept": "application/json"}
 
 
+class ClientAssertion(Protocol):
+    """Makes the ``client_assertion`` of one token request (raises ``InvalidCredentials``)."""
+
+    def assertion(self, audience: str, now: float) -> str: ...
+
+
 @dataclass(frozen=True)
 class ClientCredentials:
     tenant_id: str
@@ -82,6 +98,10 @@ class ClientCredentials:
     token_url: str
     authorization_url: str
     api_url: str
+    # Certificate or federated token: asked for a new assertion for every request (fresh jti/exp).
+    assertion: ClientAssertion | None = None
+    # The secret a PATCH replaced, tried when Azure refuses the new one as invalid_client.
+    previous_client_secret: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class TokenGrant:
     expires_at: float  # unix seconds, counted from before the request was sent
     refresh_token: str | None = field(repr=False)  # None: Azure sent none, the caller keeps the old one
     token_type: str
+    used_previous_secret: bool = False  # Azure refused the new secret, accepted the previous one
 
 
 def endpoint_style(url: str) -> Literal["v1", "v2"]:
@@ -198,7 +219,10 @@ def _action_required(oauth: _OAuthError, grant_type: str) -> errors.ActionRequir
             detail = f"Azure AD refused the application ({oauth.why}); an admin must grant the app consent"
         return errors.NeedsAuthorization(detail, **kw)
     if oauth.error in _BAD_CLIENT:
-        detail = f"Azure AD rejected the client id or secret ({oauth.why}); fix client_secret (or client_id)"
+        detail = (
+            f"Azure AD rejected the client id or credential ({oauth.why}); "
+            "fix client_secret, certificate or the app's federated credential (or client_id)"
+        )
         return errors.InvalidCredentials(detail, **kw)
     hint = _CONFIG_HINTS.get(oauth.error, "tenant_id, token_url and api_url")
     detail = f"Azure AD rejected the account's configuration ({oauth.why}); check {hint}"
@@ -239,8 +263,10 @@ class AzureADClient:
         return await self._post_token(creds, self._complete(creds, form, offline=True))
 
     async def client_credentials(self, creds: ClientCredentials) -> TokenGrant:
-        if not creds.client_secret:
-            raise errors.InvalidCredentials("client_credentials needs a client secret; set client_secret")
+        if not creds.client_secret and creds.assertion is None:
+            raise errors.InvalidCredentials(
+                "client_credentials needs a client secret or a certificate; set client_secret or certificate"
+            )
         form = {"grant_type": "client_credentials", "client_id": creds.client_id}
         return await self._post_token(creds, self._complete(creds, form, offline=False))
 
@@ -272,11 +298,30 @@ class AzureADClient:
         return {"scope": f"{origin}/.default offline_access" if offline else f"{origin}/.default"}
 
     def _complete(self, creds: ClientCredentials, form: dict[str, str], *, offline: bool) -> dict[str, str]:
-        if creds.client_secret:
+        if creds.assertion is None and creds.client_secret:
             form["client_secret"] = creds.client_secret
         return form | self._target(creds, creds.token_url, offline=offline)
 
     async def _post_token(self, creds: ClientCredentials, form: Mapping[str, str]) -> TokenGrant:
+        """Send the grant with the account's credential; a replaced secret Azure does not accept
+        yet (``invalid_client``) is retried once with the previous one."""
+        previous = creds.previous_client_secret
+        try:
+            return await self._send_grant(creds, self._authenticated(creds, form))
+        except errors.InvalidCredentials as exc:
+            if not (previous and "client_secret" in form and exc.idp_code in _BAD_CLIENT):
+                raise
+        grant = await self._send_grant(creds, {**form, "client_secret": previous})
+        return dataclasses.replace(grant, used_previous_secret=True)
+
+    def _authenticated(self, creds: ClientCredentials, form: Mapping[str, str]) -> Mapping[str, str]:
+        """The form with a client assertion made for this request (none is ever reused)."""
+        if creds.assertion is None:
+            return form
+        assertion = creds.assertion.assertion(creds.token_url, self._clock())
+        return {**form, "client_assertion_type": ASSERTION_TYPE, "client_assertion": assertion}
+
+    async def _send_grant(self, creds: ClientCredentials, form: Mapping[str, str]) -> TokenGrant:
         """The one place that sends a grant and translates httpx's exceptions."""
         url = self._allowed(creds.token_url, "token_url")
         secrets = [form[k] for k in _SECRET_FIELDS if form.get(k)]

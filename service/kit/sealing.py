@@ -13,6 +13,8 @@ CLIENT_SECRET = "ms_dynamics_365_data.CLIENT_SECRET"
 REFRESH_TOKEN = "ms_dynamics_365_data.REFRESH_TOKEN"
 ACCESS_TOKEN = "broker_account_state.access_token"
 CODE_VERIFIER = "broker_pending_authorizations.code_verifier"
+CERTIFICATE = "broker_account_credentials.certificate"
+PREVIOUS_CLIENT_SECRET = "broker_account_credentials.previous_client_secret"
 
 
 def context(column: str, row_id: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.models import Account, AccountState, PendingAuthorization
+from service.models import Account, AccountCredential, AccountState, PendingAuthorization
 
 
 async def account_ids_after(session: AsyncSession, after_id: str, *, limit: int) -> list[str]:
@@ -38,6 +38,33 @@ async def account_secrets(
         .with_for_update(of=Account)
     )
     return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+async def credential_secrets(
+    session: AsyncSession, account_ids: list[str]
+) -> list[tuple[str, str | None, str | None]]:
+    """(id, sealed certificate, sealed previous client secret) of these accounts' credentials rows."""
+    rows = await session.execute(
+        select(
+            AccountCredential.account_id,
+            AccountCredential.certificate,
+            AccountCredential.previous_client_secret,
+        )
+        .where(AccountCredential.account_id.in_(account_ids))
+        .with_for_update()
+    )
+    return [(i, c, p) for i, c, p in rows]
+
+
+async def set_credential_secrets(
+    session: AsyncSession, account_id: str, *, certificate: str | None, previous_client_secret: str | None
+) -> None:
+    await session.execute(
+        update(AccountCredential)
+        .where(AccountCredential.account_id == account_id)
+        .values(certificate=certificate, previous_client_secret=previous_client_secret)
+        .execution_options(synchronize_session=False)
+    )
 
 
 async def pending_verifiers_batch(

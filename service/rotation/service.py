@@ -59,6 +59,15 @@ async def _batch(
             )
             report.accounts += 1
             report.values += changed
+    for account_id, cert, previous in await repo.credential_secrets(session, ids):
+        new_cert = _rotate(keyring, sealing.CERTIFICATE, account_id, cert)
+        new_previous = _rotate(keyring, sealing.PREVIOUS_CLIENT_SECRET, account_id, previous)
+        changed = (new_cert != cert) + (new_previous != previous)
+        if changed:
+            await repo.set_credential_secrets(
+                session, account_id, certificate=new_cert, previous_client_secret=new_previous
+            )
+            report.values += changed
     return ids[-1]
 
 

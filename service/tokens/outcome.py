@@ -3,6 +3,8 @@
 The broker decides when to refresh and what a failure means for waiting callers; this module
 writes the result into the account's rows and its history, in the caller's session, so that
 every replica (and an admin reading ``GET /accounts/{id}``) sees the same status.
+A replaced client secret's fallback ends here too: the new secret's first success erases the
+previous one, and each switch between them is an event.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.accounts import repository as accounts_repo
+from service.accounts.federated import FILE_ERROR
 from service.accounts.status import Status
 from service.errors import ActionRequired, NeedsAuthorization, Unavailable, UpstreamUnavailable
 from service.idp.azure_ad import TokenGrant
@@ -125,7 +128,38 @@ async def record_grant(
             kind="status_changed",
             detail={"from": state.status, "to": Status.READY},
         )
+    await _note_secret_used(session, account, grant)
     return version
+
+
+async def _note_secret_used(session: AsyncSession, account: Account, grant: TokenGrant) -> None:
+    """Keep the previous secret while Azure accepts only it; erase it once the new one works."""
+    cred = account.credential
+    if cred is None or not cred.previous_client_secret:
+        return
+    if grant.used_previous_secret:
+        if not cred.previous_secret_in_use:
+            await accounts_repo.save_credential(session, account.id, {"previous_secret_in_use": True})
+            await accounts_repo.add_event(
+                session,
+                account_id=account.id,
+                kind="client_secret_fallback",
+                detail={"using": "previous", "why": "Azure AD does not accept the new client secret yet"},
+            )
+            log.warning(
+                "new client secret refused; the previous one is used", extra={"account_id": account.id}
+            )
+        return
+    await accounts_repo.save_credential(
+        session, account.id, {"previous_client_secret": None, "previous_secret_in_use": False}
+    )
+    await accounts_repo.add_event(
+        session,
+        account_id=account.id,
+        kind="client_secret_switched",
+        detail={"using": "new", "previous_erased": True},
+    )
+    log.info("new client secret accepted; the previous one is erased", extra={"account_id": account.id})
 
 
 def action_text(state: AccountState) -> str:
@@ -135,7 +169,9 @@ def action_text(state: AccountState) -> str:
             f"Azure AD refused this account's refresh token ({state.last_error_code}): "
             f"authorize it again (POST /accounts/{state.account_id}/authorize)."
         )
+    if state.last_error_code == FILE_ERROR:
+        return f"{state.last_error_message} (the account recovers when the file is readable again)."
     return (
         f"Azure AD rejected this account's client credentials ({state.last_error_code}): "
-        "fix client_id or client_secret (PATCH the account)."
+        "fix client_id, client_secret or certificate (PATCH the account)."
     )

@@ -1,4 +1,5 @@
-"""The webhook outbox: account status changes, delivered in order by one replica at a time.
+"""The webhook outbox: account status changes and credential expiry, delivered in order by one
+replica at a time.
 
 The outbox is the ``broker_events`` table: the broker and the account service write a
 ``status_changed`` event in the same transaction as the change, so a notification goes out only
@@ -54,6 +55,12 @@ log = logging.getLogger("service.webhooks")
 
 EVENT = "account.status_changed"
 KIND = "status_changed"
+# Event kinds in broker_events that go out, and the webhook event each is.
+EVENTS = {
+    KIND: EVENT,
+    "credential_expiring": "account.credential_expiring",  # 30, 7 and 1 days before (accounts/expiry.py)
+    "credential_expired": "account.credential_expired",
+}
 LEASE = "webhooks"
 CURSOR = "webhooks:cursor"
 BATCH = 100
@@ -186,7 +193,7 @@ class Notifier:
         for event in events:
             if not self._gap_passed(position, event.id):
                 break
-            if event.kind == KIND:
+            if event.kind in EVENTS:
                 if not await self._deliver(event):
                     break
                 handled += 1
@@ -246,14 +253,17 @@ class Notifier:
 
     async def _build(self, event: Event) -> _Head:
         detail = _detail(event)
-        to_status = detail.get("to")
-        doc: dict[str, Any] = {"event": EVENT, "id": event.id, "account_id": event.account_id}
+        to_status = detail.get("to") if event.kind == KIND else None
+        doc: dict[str, Any] = {"event": EVENTS[event.kind], "id": event.id, "account_id": event.account_id}
         async with self._sessions() as session:
             name = await self._account_name(session, event.account_id)
-            message = await self._message(session, event, detail.get("code"))
+            message = await self._message(session, event, detail.get("code")) if event.kind == KIND else None
         if name is not None:
             doc["account_name"] = name
-        doc |= {"from": detail.get("from"), "to": to_status, "code": detail.get("code")}
+        if event.kind == KIND:
+            doc |= {"from": detail.get("from"), "to": to_status, "code": detail.get("code")}
+        else:  # public facts only: the kind, the date and the stage
+            doc |= {key: detail.get(key) for key in ("credential_type", "expires_at", "within")}
         if message:
             doc["message"] = message[:MAX_MESSAGE]
         doc["at"] = event.created_at.isoformat(timespec="milliseconds") + "Z"  # stored as naive UTC

@@ -354,3 +354,125 @@ def test_formatter_keeps_whitelisted_fields_and_drops_the_rest() -> None:
     assert (doc["level"], doc["event"], doc["logger"]) == ("error", "refresh failed", "service.x")
     assert REFRESH_1 not in json.dumps(doc)
     assert CLIENT_SECRET_1 not in json.dumps(doc)
+
+
+async def test_no_key_pem_assertion_or_token_file_in_logs_responses_events_metrics_or_webhooks(
+    database_url: str,
+    tmp_path: Path,
+    run_app: Callable[[Settings], Any],
+    azure: respx.MockRouter,
+    captured: Capture,
+) -> None:
+    """Certificate and federated accounts, unusable PEMs, Azure refusing and echoing an assertion,
+    a replaced secret's fallback and expiry notices: no private key, certificate PEM, assertion,
+    token file content or secret in a log line, a response, an event, /metrics or a webhook."""
+    import jwt
+
+    from tests.certs import make_cert, rsa_key
+
+    cert = make_cert()
+    token_file = tmp_path / "azure-identity-token"
+    federated = jwt.encode(
+        {"aud": "api://AzureADTokenExchange", "sub": "system:serviceaccount:b:b", "exp": 4_000_000_000},
+        rsa_key(),
+        algorithm="RS256",
+    )
+    token_file.write_text(federated)
+    await migrate.upgrade(database_url)
+    settings = make_settings(
+        database_url,
+        tmp_path,
+        webhook_url=HOOK,
+        webhook_secret=HOOK_SECRET,
+        webhook_poll_seconds=0.05,
+        webhook_backoff_base_seconds=0.0,
+        federated_token_file=str(token_file),
+    )
+    assertions: list[str] = []
+
+    def token_endpoint(request: httpx.Request) -> httpx.Response:
+        sent = dict(parse_qsl(request.content.decode()))
+        if "client_assertion" in sent:
+            assertions.append(sent["client_assertion"])
+            if sent["client_assertion"] != federated:  # the certificate is unknown: Azure echoes it
+                return httpx.Response(
+                    401,
+                    json={
+                        "error": "invalid_client",
+                        "error_description": f"AADSTS700027: assertion {sent['client_assertion']} refused",
+                        "error_codes": [700027],
+                    },
+                )
+            return httpx.Response(200, json=v1_token(ACCESS_1, None))
+        if sent.get("client_secret") == CLIENT_SECRET_2:  # the new secret is not accepted yet
+            return httpx.Response(
+                401,
+                json={
+                    "error": "invalid_client",
+                    "error_description": f"AADSTS7000215: Invalid client secret {CLIENT_SECRET_2}",
+                    "error_codes": [7000215],
+                },
+            )
+        return httpx.Response(200, json=v1_token(ACCESS_2, None))
+
+    azure.post(TOKEN_URL_V1).mock(side_effect=token_endpoint)
+    hook = azure.post(HOOK).respond(200)
+    seen = Seen()
+    cc = {"grant_type": "client_credentials", "refresh_token": None, "client_secret": None}
+    async with run_app(settings) as running:
+        http = running.client
+        http.event_hooks["response"].append(seen)
+        r = await http.post(
+            "/accounts",
+            json=account_body(**cc, credential_type="certificate", certificate=cert.pem()),
+            headers=admin(),
+        )
+        assert r.status_code == 201, r.text
+        with_cert = r.json()["id"]
+        assert (await http.get(f"/accounts/{with_cert}/token", headers=client())).status_code == 409
+        for pem in (cert.key_pem() + make_cert(1).cert_pem, cert.key_pem(), cert.pem() + "x" * 40_000):
+            body = account_body(**cc, credential_type="certificate", certificate=pem)
+            assert (await http.post("/accounts", json=body, headers=admin())).status_code == 422
+        r = await http.patch(
+            f"/accounts/{with_cert}", json={"certificate": cert.pem(pkcs1=True)}, headers=admin()
+        )
+        assert r.status_code == 200, r.text
+        r = await http.post(
+            "/accounts", json=account_body(**cc, credential_type="federated"), headers=admin()
+        )
+        fed = r.json()["id"]
+        assert (await http.get(f"/accounts/{fed}/token", headers=client())).status_code == 200
+        r = await http.post(
+            "/accounts",
+            json=account_body(
+                **{**cc, "client_secret": CLIENT_SECRET_1}, client_secret_expires_at="2020-01-01T00:00:00Z"
+            ),
+            headers=admin(),
+        )
+        rotated = r.json()["id"]
+        await http.patch(f"/accounts/{rotated}", json={"client_secret": CLIENT_SECRET_2}, headers=admin())
+        assert (await http.get(f"/accounts/{rotated}/token", headers=client())).status_code == 200
+        await running.ctx.background.credential_expiry_once()
+        for account_id in (with_cert, fed, rotated):
+            await http.get(f"/accounts/{account_id}", headers=admin())
+            await http.get(f"/accounts/{account_id}/events", headers=admin())
+        await http.get("/accounts?credential_expires_before=2100-01-01T00:00:00Z", headers=admin())
+        async with asyncio.timeout(10):
+            while hook.call_count < 1:
+                await asyncio.sleep(0.02)
+        metrics = (await http.get("/metrics")).text
+
+    assert assertions  # the refused ones were sent and echoed back
+    pem_lines = [
+        line
+        for pem in (cert.pem(), cert.pem(pkcs1=True))
+        for line in pem.splitlines()
+        if line and not line.startswith("-----")
+    ]
+    forbidden = [*assertions, federated, *pem_lines, CLIENT_SECRET_1, CLIENT_SECRET_2]
+    texts = {"logs": "\n".join(captured.lines), "metrics": metrics}
+    texts |= {f"{m} {p} {s}": content for m, p, s, content in seen.responses}
+    texts |= {f"hook {i}": c.request.content.decode() for i, c in enumerate(hook.calls)}
+    for where, text in texts.items():
+        assert not [f for f in forbidden if f in text], where
+        assert "PRIVATE KEY-----\n" not in text, where

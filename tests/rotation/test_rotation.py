@@ -201,3 +201,48 @@ def test_cli_generate_key_and_rotate_keys(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "entry 1 is not a valid key" in bad.stderr
     assert "not-a-key" not in bad.stderr
+
+
+async def test_certificates_and_previous_secrets_are_rotated_too(
+    database_url: str, tmp_path: Path, run_app: Any
+) -> None:
+    """rotate-keys re-encrypts the broker's credentials row (the certificate PEM and a replaced
+    secret kept as the previous one) under the first key, still bound to its row and column."""
+    from service.models import AccountCredential
+    from tests.certs import make_cert
+
+    await migrate.upgrade(database_url)
+    old, new = generate_key(), generate_key()
+    pem = make_cert().pem()
+    cc = {"grant_type": "client_credentials", "refresh_token": None, "client_secret": None}
+    async with run_app(make_settings(database_url, tmp_path, encryption_keys=old)) as running:
+        r = await running.client.post(
+            "/accounts",
+            json=account_body(**cc, credential_type="certificate", certificate=pem),
+            headers=admin(),
+        )
+        with_cert = r.json()["id"]
+        r = await running.client.post("/accounts", json=account_body(), headers=admin())
+        rotated = r.json()["id"]
+        await running.client.patch(
+            f"/accounts/{rotated}", json={"client_secret": "n3w-secret"}, headers=admin()
+        )
+    both = make_settings(database_url, tmp_path, encryption_keys=f"{new},{old}")
+    engine = create_engine(both)
+    try:
+        keyring = Keyring.from_strings([new, old])
+        await rotate_all(create_sessionmaker(engine), keyring)
+        async with create_sessionmaker(engine)() as session:
+            rows = {c.account_id: c for c in (await session.execute(select(AccountCredential))).scalars()}
+    finally:
+        await engine.dispose()
+    cert, previous = rows[with_cert].certificate, rows[rotated].previous_client_secret
+    assert cert is not None
+    assert previous is not None
+    only_new = Keyring.from_strings([new])
+    assert {Keyring.key_id_of(cert), Keyring.key_id_of(previous)} == {only_new.primary_key_id}
+    assert sealing.unseal(only_new, sealing.CERTIFICATE, with_cert, cert) == pem
+    assert (
+        sealing.unseal(only_new, sealing.PREVIOUS_CLIENT_SECRET, rotated, previous)
+        == account_body()["client_secret"]
+    )

@@ -252,12 +252,32 @@ def test_deployment_is_locked_down(deployment: dict[str, Any]) -> None:
 
 
 def test_deployment_has_a_writable_tmp_only(deployment: dict[str, Any]) -> None:
-    """The only writable path is an emptyDir mounted at /tmp."""
+    """The only writable path is an emptyDir mounted at /tmp (the token volume is read-only)."""
     pod = deployment["spec"]["template"]["spec"]
-    mounts = _container(deployment)["volumeMounts"]
+    mounts = [m for m in _container(deployment)["volumeMounts"] if not m.get("readOnly")]
     assert [m["mountPath"] for m in mounts] == ["/tmp"]
     volume = next(v for v in pod["volumes"] if v["name"] == mounts[0]["name"])
     assert "emptyDir" in volume
+
+
+def test_deployment_projects_the_federated_token(deployment: dict[str, Any]) -> None:
+    """Workload identity federation: the pod runs as its own service account, without the API
+    token, with an audience-bound projected token at the file BROKER_FEDERATED_TOKEN_FILE names."""
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "token-broker"
+    assert pod["automountServiceAccountToken"] is False
+    [account] = _docs(K8S / "serviceaccount.yaml")
+    assert (account["kind"], account["metadata"]["name"]) == ("ServiceAccount", "token-broker")
+    assert account["automountServiceAccountToken"] is False
+    env = {e["name"]: e["value"] for e in _container(deployment)["env"]}
+    mount = next(m for m in _container(deployment)["volumeMounts"] if m["name"] == "azure-identity-token")
+    assert mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == "azure-identity-token")
+    [source] = volume["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["audience"] == "api://AzureADTokenExchange"
+    assert token["expirationSeconds"] <= 86_400
+    assert env["BROKER_FEDERATED_TOKEN_FILE"] == f"{mount['mountPath']}/{token['path']}"
 
 
 def test_deployment_stops_within_its_grace_period(deployment: dict[str, Any]) -> None:

@@ -93,7 +93,7 @@ class Receiver:
         return [verified(r) for r, status in zip(self.requests, self.answers, strict=True) if status < 300]
 
 
-def verified(request: httpx.Request) -> dict[str, Any]:
+def verified(request: httpx.Request, event: str = "account.status_changed") -> dict[str, Any]:
     """Check the signature and headers as a receiver would, and that no secret went out."""
     body = request.content
     timestamp = request.headers["X-Broker-Timestamp"]
@@ -106,7 +106,7 @@ def verified(request: httpx.Request) -> dict[str, Any]:
     wire = body.decode() + "\n".join(f"{k}: {v}" for k, v in request.headers.items())
     for secret in (CLIENT_SECRET, REFRESH_TOKEN, HOOK_SECRET, "rt-new", "at-1", "at-2"):
         assert secret not in wire
-    assert doc["event"] == "account.status_changed"
+    assert doc["event"] == event
     assert doc["at"].endswith("Z")
     datetime.fromisoformat(doc["at"].removesuffix("Z"))
     return doc
@@ -477,3 +477,65 @@ def test_the_lease_outlives_rounds_with_a_slow_post(tmp_path: Path) -> None:
     assert lease_ttl(slow) >= timedelta(seconds=3 * (30 + 0.05))
     quick = make_settings("sqlite+aiosqlite://", tmp_path, **FAST, webhook_timeout_seconds=1)
     assert lease_ttl(quick) == timedelta(seconds=15)
+
+
+# -- credential expiry ------------------------------------------------------------------------------
+
+
+async def test_expiry_notices_go_out_once_per_stage_with_a_fake_clock(
+    hooked: Any, receiver: Receiver
+) -> None:
+    """With the scan's clock moved forward: account.credential_expiring at 30, 7 and 1 days before
+    and account.credential_expired after, once each however often the scan runs; an account
+    created 5 days before expiry gets the 7-day notice only; the gauge counts each stage."""
+    start = timeutil.utcnow()
+    expires = (start + timedelta(days=40)).replace(microsecond=0)
+    account = await create(hooked, client_secret_expires_at=expires.isoformat() + "Z")
+    background = hooked.ctx.background
+
+    def gauge(within: str) -> float:
+        value = hooked.ctx.metrics.registry.get_sample_value(
+            "broker_credentials_expiring", {"within": within}
+        )
+        return float(value or 0.0)
+
+    async def scan_at(days: float) -> int:
+        background.clock = lambda: start + timedelta(days=days)
+        sent: int = await background.credential_expiry_once()
+        return sent
+
+    assert await scan_at(0) == 0
+    assert gauge("30d") == 0
+    assert [await scan_at(11), await scan_at(11.5)] == [1, 0]
+    assert (gauge("30d"), gauge("7d"), gauge("expired")) == (1, 0, 0)
+    assert [await scan_at(34), await scan_at(34)] == [1, 0]
+    assert (gauge("30d"), gauge("7d")) == (1, 1)
+    assert await scan_at(39.5) == 1
+    assert [await scan_at(41), await scan_at(60)] == [1, 0]
+    assert (gauge("30d"), gauge("7d"), gauge("expired")) == (0, 0, 1)
+    await receiver.wait(4)
+    await drained(hooked.settings)
+    docs = [verified(r, r.content and json.loads(r.content)["event"]) for r in receiver.requests]
+    assert [(d["event"], d["within"]) for d in docs] == [
+        ("account.credential_expiring", "30d"),
+        ("account.credential_expiring", "7d"),
+        ("account.credential_expiring", "1d"),
+        ("account.credential_expired", None),
+    ]
+    assert {d["account_id"] for d in docs} == {account["id"]}
+    assert {d["expires_at"] for d in docs} == {expires.isoformat() + "Z"}
+    assert set(docs[0]) == {
+        "event",
+        "id",
+        "account_id",
+        "account_name",
+        "credential_type",
+        "expires_at",
+        "within",
+        "at",
+    }
+    late = await create(hooked, client_secret_expires_at=(start + timedelta(days=5)).isoformat() + "Z")
+    assert await scan_at(0) == 1
+    await receiver.wait(5)
+    last = verified(receiver.requests[-1], "account.credential_expiring")
+    assert (last["account_id"], last["within"]) == (late["id"], "7d")

@@ -121,7 +121,7 @@ async def test_a_refused_account_is_not_asked_about_again_on_every_request(
     broker = running.ctx.broker
     assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
     assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
-    while broker._inflight:  # the background refresh that Azure refuses
+    while broker.refreshes_in_flight:  # the background refresh that Azure refuses
         await asyncio.sleep(0.01)
     got = (await running.client.get(f"/accounts/{account_id}", headers=admin())).json()
     assert got["status"] == "needs_authorization"
@@ -130,7 +130,7 @@ async def test_a_refused_account_is_not_asked_about_again_on_every_request(
             r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
             assert r.json()["access_token"] == "short"
             await asyncio.sleep(0)
-        while broker._inflight:
+        while broker.refreshes_in_flight:
             await asyncio.sleep(0.01)
     assert statements == []
     assert route.call_count == 2
@@ -222,7 +222,7 @@ async def test_background_refreshes_leave_slots_to_callers_without_a_token(
         assert r.json()["access_token"] == "stale"
 
     async def settled() -> None:  # each refresh is waiting at Azure or has given its slot up
-        while held < BACKGROUND_SLOTS or len(broker._inflight) != held:
+        while held < BACKGROUND_SLOTS or broker.refreshes_in_flight != held:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(settled(), timeout=10)

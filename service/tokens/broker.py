@@ -2,7 +2,8 @@
 
 A thin facade over parts that each keep one invariant: the token cache (``cache.py``), the hold
 book (``holds.py``), both owned by ``memory.py``; the single-flight (``kit/singleflight.py``); the
-refresh limiter (``limiter.py``); the refresh transaction (``refresh.py``).
+refresh limiter (``limiter.py``); the refresh transaction and its claim (``refresh.py``,
+``claims.py``).
 
 Invariants kept here:
 * A token with less than ``min_token_ttl`` left is never handed out; a token with more than the
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
 from service.accounts.credentials import AccountSecrets
@@ -31,23 +32,17 @@ from service.errors import AccountNotFound, UpstreamUnavailable
 from service.idp.azure_ad import AzureADClient, TokenGrant
 from service.kit import timeutil
 from service.kit.crypto import Keyring
-from service.kit.db import POOL_SIZE
 from service.kit.singleflight import SingleFlight
 from service.metrics import Metrics
 from service.settings import Settings
 from service.tokens import repository as repo
 from service.tokens.cache import TokenCache
+from service.tokens.claims import ReplicaLiveness
 from service.tokens.holds import HoldBook
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
 from service.tokens.refresh import Refresher
 from service.tokens.response import CachedToken
-
-# Refreshes that may hold a database connection at once: half the pool (kit/db.py); of them,
-# background refreshes (of tokens still being served) may take this many, so a caller with no
-# usable token always finds a slot.
-REFRESH_SLOTS = POOL_SIZE // 2
-BACKGROUND_SLOTS = REFRESH_SLOTS - 2
 
 
 class TokenBroker:
@@ -63,6 +58,7 @@ class TokenBroker:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         cache: TokenCache | None = None,
+        replica_id: str | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
@@ -72,7 +68,11 @@ class TokenBroker:
         )
         self.holds = HoldBook(clock=clock, forced_every=settings.forced_refresh_interval_seconds)
         self.memory = AccountMemory(self.cache, self.holds)
-        self.limiter = RefreshLimiter(REFRESH_SLOTS, BACKGROUND_SLOTS)
+        self.limiter = RefreshLimiter.for_slots(settings.max_concurrent_refreshes)
+        bind = sessions.kw.get("bind")
+        self.liveness = ReplicaLiveness(
+            bind if isinstance(bind, AsyncEngine) else None, replica_id=replica_id
+        )
         self._flights: SingleFlight[str, CachedToken] = SingleFlight(
             on_start=metrics.refreshes_in_flight.inc, on_done=metrics.refreshes_in_flight.dec
         )
@@ -84,6 +84,8 @@ class TokenBroker:
             settings=settings,
             metrics=metrics,
             memory=self.memory,
+            limiter=self.limiter,
+            liveness=self.liveness,
             clock=clock,
             rng=rng,
         )
@@ -192,7 +194,7 @@ class TokenBroker:
         if account_id in self._flights:
             return
         await self._flights.run(
-            account_id, lambda: self._in_slot(account_id, math.inf, None, refreshed_before)
+            account_id, lambda: self._refresher.refresh(account_id, math.inf, None, refreshed_before)
         )
 
     async def _obtain(self, account_id: str, need: float, *, background: bool = False) -> CachedToken:
@@ -215,13 +217,7 @@ class TokenBroker:
             # Callers without a usable token come first; the next stale hit tries again. No await
             # between this check and taking the slot below: the count cannot change meanwhile.
             return current
-        return await self._in_slot(account_id, need, seen, None)
-
-    async def _in_slot(
-        self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
-    ) -> CachedToken:
-        async with self.limiter.slot():
-            return await self._refresher.refresh(account_id, need, seen, refreshed_before)
+        return await self._refresher.refresh(account_id, need, seen, None)
 
     async def store_authorization(
         self, account_id: str, grant: TokenGrant, *, actor: str | None
@@ -277,3 +273,4 @@ class TokenBroker:
         # A refresh that has reached Azure is allowed to finish and commit (its rotated refresh
         # token must be stored); the shutdown timeout bounds the wait.
         await self._flights.close(grace=self._settings.shutdown_timeout_seconds / 2)
+        await self.liveness.close()

@@ -1,31 +1,41 @@
-"""The refresh transaction: one account's stored token renewed with Azure, under the row lock.
+"""The refresh transaction: one account's stored token renewed with Azure, coordinated by a claim.
 
 Invariants:
-* Across replicas the database coordinates: a refresh locks the account's token row
-  (``SELECT ... FOR UPDATE``), re-reads it, and calls Azure only if the stored token still needs
-  refreshing. Azure is never called unless the row lock was taken (so the result can be stored).
-* The rotated refresh token and the new access token are committed together before any caller
-  sees the token.
+* No database connection is held while Azure answers. A short transaction locks the account's
+  token row, re-reads it, and claims the refresh (owner, claim id, expiry); a second short
+  transaction stores the result. Azure is never called without a committed claim (so the result
+  can be stored), and a caller gets a new token only after it was committed.
+* One Azure call per account per expiry across replicas: a claim held by a live replica is
+  waited for, with no connection and no refresh slot held (polled with backoff, at most
+  ``lock_wait_seconds``), and the token it stores is used. A claim whose owner died (its named
+  lock is free, claims.py) or that expired is taken over at once.
+* The rotated refresh token and the new access token are stored together. A result is stored
+  when nothing was stored since its claim read the row: a result arriving after its claim was
+  taken over, but before the taker stored, is the newest and is stored (its rotated refresh token
+  is not lost); once another result was stored, a later answer never overwrites it, and the
+  stored token is served instead.
+* If an admin changed the account's credentials while Azure answered, the result is dropped
+  (their values win).
 * After a transient failure the account waits (``next_attempt_at``, stored so every replica
   honours it, and Azure's ``Retry-After`` when given) before Azure is asked again; the hold book
-  remembers it, and a refusal only a person can fix, so callers do not each take the lock to
-  learn it again.
-* A result is stored only for what the account still holds: if an admin changed its credentials
-  while Azure answered, the result is dropped (their values win).
+  remembers it, and a refusal only a person can fix, so callers do not each read it again.
+* At most ``max_concurrent_refreshes`` refreshes of this replica are at Azure at once (limiter.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import NoReturn
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
@@ -36,6 +46,7 @@ from service.errors import (
     ActionRequired,
     InvalidCredentials,
     NeedsAuthorization,
+    StorageUnavailable,
     Unavailable,
     UpstreamUnavailable,
 )
@@ -48,6 +59,9 @@ from service.metrics import Metrics
 from service.models import Account, AccountState
 from service.settings import Settings
 from service.tokens import outcome
+from service.tokens import repository as repo
+from service.tokens.claims import ReplicaLiveness
+from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
 from service.tokens.response import CachedToken
 
@@ -55,8 +69,20 @@ log = logging.getLogger("service.broker")
 
 # What Azure is asked with: the grant type, the credentials and the refresh token.
 Asked = tuple[str, ClientCredentials, str]
+Answer = TokenGrant | ActionRequired | UpstreamUnavailable
 
 LOCK_TIMEOUT = "Another replica is still refreshing this account's token; try again."
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This replica's claim on one account's refresh: what Azure is asked with, and when the
+    stored token had last been refreshed as the claim read it (a later time: stored since)."""
+
+    account: Account
+    asked: Asked
+    claim_id: str
+    refreshed_at: datetime | None
 
 
 class Refresher:
@@ -70,6 +96,8 @@ class Refresher:
         settings: Settings,
         metrics: Metrics,
         memory: AccountMemory,
+        limiter: RefreshLimiter,
+        liveness: ReplicaLiveness,
         clock: Callable[[], float],
         rng: Callable[[], float],
     ) -> None:
@@ -82,6 +110,8 @@ class Refresher:
         self._memory = memory
         self._tokens = memory.tokens
         self._holds = memory.holds
+        self._limiter = limiter
+        self._liveness = liveness
         self._clock = clock
         self._rng = rng
         self._min_ttl = float(settings.min_token_ttl_seconds)
@@ -93,10 +123,34 @@ class Refresher:
     async def refresh(
         self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
     ) -> CachedToken:
-        """A token with ``need`` seconds left, from the database or from Azure, under the row lock.
+        """A token with ``need`` seconds left, from the database or from Azure.
 
-        ``seen``: when the stored token was obtained, as read before waiting for the lock;
-        ``refreshed_before``: a keepalive, satisfied by any refresh after that time."""
+        ``seen``: when the stored token was obtained, as read before; ``refreshed_before``: a
+        keepalive, satisfied by any refresh after that time."""
+        wait = float(self._settings.lock_wait_seconds)
+        deadline = time.monotonic() + wait
+        pause = 0.02
+        await self._liveness.ready(wait)
+        while True:
+            async with self._limiter.slot():
+                got = await self._claim(account_id, need, seen, refreshed_before)
+                if isinstance(got, Claim):
+                    return await self._redeem(got)
+            if got is not None:
+                return got
+            # Another live replica is at Azure for this account: wait for what it stores, holding
+            # neither a connection nor a slot.
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UpstreamUnavailable(LOCK_TIMEOUT, retry_after=1, reason="lock_timeout")
+            await asyncio.sleep(min(left, pause * (0.5 + self._rng() / 2)))
+            pause = min(pause * 2, 0.5)
+
+    async def _claim(
+        self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
+    ) -> CachedToken | Claim | None:
+        """The first transaction: the stored token if it will do, else this replica's claim, else
+        None while another live replica holds one."""
         async with self.open() as session:
             waited = time.perf_counter()
             row = await accounts_repo.lock_account_state(session, account_id)
@@ -109,21 +163,118 @@ class Refresher:
             if reuse is not None:
                 return reuse
             self._refuse_if_blocked(account, state)
+            now = timeutil.utcnow()
+            expires = state.refresh_claim_expires_at
+            if (
+                expires is not None
+                and expires > now
+                and await self._liveness.owner_alive(session, state.refresh_claim_owner)
+            ):
+                return None
             asked = self._asked_with(account, state)
-            if self._settings.is_sqlite:
-                # SQLite has one writer: holding its lock across the IdP call would stall every
-                # other account. One process, single-flight per account: no lock is needed.
-                await session.commit()
-            grant = await self._call_azure(session, account, state, asked)
-            try:
-                entry = await self._save_grant(session, account, state, grant, asked)
-                await session.commit()
-            except SQLAlchemyError:
-                entry = self._unsaved(account, grant)
+            if asked[0] == "authorization_code" and not asked[2]:
+                await self._record_failure(
+                    session,
+                    account,
+                    state,
+                    NeedsAuthorization(
+                        "The account has no refresh token yet: authorize it "
+                        f"(POST /accounts/{account.id}/authorize) or paste a code."
+                    ),
+                )
+            claim = Claim(account, asked, secrets.token_hex(8), state.last_refreshed_at)
+            await repo.set_claim(
+                session,
+                account_id,
+                owner=self._liveness.replica_id,
+                claim_id=claim.claim_id,
+                expires_at=now + timedelta(seconds=self._settings.lock_wait_seconds),
+            )
+            await session.commit()
+            return claim
+
+    async def _redeem(self, claim: Claim) -> CachedToken:
+        """Ask Azure (no connection held), then store what it answered."""
+        grant_type, creds, refresh_token = claim.asked
+        started = time.perf_counter()
+        result = "ok"
+        answer: Answer
+        try:
+            if grant_type == "client_credentials":
+                answer = await self._azure.client_credentials(creds)
+            else:
+                answer = await self._azure.refresh(creds, refresh_token)
+        except (ActionRequired, UpstreamUnavailable) as exc:
+            result = exc.code if isinstance(exc, ActionRequired) else exc.reason
+            answer = exc
+        finally:
+            self._metrics.idp_requests.labels(grant_type, result).inc()
+            self._metrics.idp_latency.labels(grant_type).observe(time.perf_counter() - started)
+        try:
+            entry = await self._store(claim, answer)
+        except (StorageUnavailable, UpstreamUnavailable) as exc:
+            if not isinstance(answer, TokenGrant) or exc.reason not in ("database", "lock_timeout"):
+                raise
+            entry = self._unsaved(claim.account, answer)
         self._tokens.store(entry)
-        self._holds.lift(account_id)
+        self._holds.lift(claim.account.id)
         self._metrics.tokens["refreshed"] += 1
         return entry
+
+    async def _store(self, claim: Claim, answer: Answer) -> CachedToken:
+        """The second transaction: Azure's answer (a grant, or a failure raised) stored under the
+        claim, unless another result was stored since the claim read the row."""
+        account_id = claim.account.id
+        async with self.open() as session:
+            row = await accounts_repo.lock_account_state(session, account_id)
+            if row is None:
+                self._memory.forget(account_id)
+                raise AccountNotFound(account_id)
+            (account, state), _ = await self.lock_seed_row(session, *row)
+            if state.refresh_claim_id == claim.claim_id:
+                await repo.clear_claim(session, account_id, claim.claim_id)
+            asked_now = self._asked_with(account, state)
+            if _grant_inputs(asked_now) != _grant_inputs(claim.asked) or (
+                state.last_refreshed_at != claim.refreshed_at
+            ):
+                entry = self._superseded(account, state, claim, asked_now, answer)
+                await session.commit()
+                return entry
+            if not isinstance(answer, TokenGrant):
+                await self._record_failure(session, account, state, answer)
+            now = self._clock()
+            if answer.expires_at - now < self._min_ttl:
+                await self._record_failure(
+                    session,
+                    account,
+                    state,
+                    UpstreamUnavailable(
+                        "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
+                    ),
+                )
+            version = await outcome.record_grant(session, self._keyring, account, state, answer)
+            await session.commit()
+            return self._tokens.entry(
+                account.id, answer.access_token, answer.expires_at, version, account.api_url, now
+            )
+
+    def _superseded(
+        self, account: Account, state: AccountState, claim: Claim, asked_now: Asked, answer: Answer
+    ) -> CachedToken:
+        """Another result was stored, or an admin changed the account, since the claim read it:
+        this answer is dropped. The stored token is served when it was made with the same
+        credentials (a replica that took the claim over stored it); else the caller tries again."""
+        same_credentials = _grant_inputs(asked_now)[:2] == _grant_inputs(claim.asked)[:2]
+        stored = self._tokens.from_row(account, state)
+        if same_credentials and stored is not None and stored.expires_at - self._clock() >= self._min_ttl:
+            log.info("refresh result superseded by a newer one", extra={"account_id": account.id})
+            return stored
+        if isinstance(answer, TokenGrant) and answer.refresh_token:
+            self._metrics.refresh_token_unsaved.inc()
+        log.warning("refresh result dropped: the account changed", extra={"account_id": account.id})
+        raise UpstreamUnavailable(
+            "The account changed while Azure AD answered; try again.", retry_after=1, reason="conflict"
+        )
 
     def _unsaved(self, account: Account, grant: TokenGrant) -> CachedToken:
         """The database failed after Azure answered: the access token is valid, so it is served from
@@ -197,30 +348,6 @@ class Refresher:
             refresh_token = self._secrets.refresh_token(account)
         return state.grant_type, self._secrets.credentials(account), refresh_token
 
-    async def _still_current(
-        self,
-        session: AsyncSession,
-        account: Account,
-        state: AccountState,
-        asked: Asked,
-        grant: TokenGrant | None = None,
-    ) -> tuple[Account, AccountState]:
-        """The account's rows now, when Azure was asked with what the account still holds; else
-        the result is dropped and the caller asked to try again (the admin's values win).
-
-        On MySQL only another account's default change can move VERSION meanwhile (a PATCH waits
-        for the token row lock); on SQLite, where Azure is called outside a transaction, any
-        change can. The seed row stays locked until the result is committed."""
-        row, changed = await self.lock_seed_row(session, account, state)
-        if not changed or _grant_inputs(self._asked_with(*row)) == _grant_inputs(asked):
-            return row  # unchanged, or only a name or the default flag: the result belongs here
-        if grant is not None and grant.refresh_token:
-            self._metrics.refresh_token_unsaved.inc()
-        log.warning("refresh result dropped: the account changed", extra={"account_id": account.id})
-        raise UpstreamUnavailable(
-            "The account changed while Azure AD answered; try again.", retry_after=1, reason="conflict"
-        )
-
     async def lock_seed_row(
         self, session: AsyncSession, account: Account, state: AccountState
     ) -> tuple[tuple[Account, AccountState], bool]:
@@ -234,48 +361,12 @@ class Refresher:
             raise AccountNotFound(account.id)
         return row, True
 
-    async def _call_azure(
-        self, session: AsyncSession, account: Account, state: AccountState, asked: Asked
-    ) -> TokenGrant:
-        grant_type, creds, refresh_token = asked
-        if grant_type == "authorization_code" and not refresh_token:
-            await self._record_failure(
-                session,
-                account,
-                state,
-                NeedsAuthorization(
-                    "The account has no refresh token yet: authorize it "
-                    f"(POST /accounts/{account.id}/authorize) or paste a code."
-                ),
-                asked,  # on SQLite an authorization may have landed since the read
-            )
-        started = time.perf_counter()
-        result = "ok"
-        try:
-            if grant_type == "client_credentials":
-                return await self._azure.client_credentials(creds)
-            return await self._azure.refresh(creds, refresh_token)
-        except (ActionRequired, UpstreamUnavailable) as exc:
-            result = exc.code if isinstance(exc, ActionRequired) else exc.reason
-            await self._record_failure(session, account, state, exc, asked)
-        finally:
-            self._metrics.idp_requests.labels(grant_type, result).inc()
-            self._metrics.idp_latency.labels(grant_type).observe(time.perf_counter() - started)
-
     async def _record_failure(
-        self,
-        session: AsyncSession,
-        account: Account,
-        state: AccountState,
-        exc: ActionRequired | Unavailable,
-        asked: Asked | None = None,
+        self, session: AsyncSession, account: Account, state: AccountState, exc: ActionRequired | Unavailable
     ) -> NoReturn:
         """Store what went wrong (committed even though the caller gets an error), then raise it
         and hold the account in this process: a transient failure for its backoff, a refusal
-        until the account changes. ``asked``: Azure's answer to what, if the account may have
-        changed since (then a failure for old credentials is not recorded)."""
-        if asked is not None:
-            account, state = await self._still_current(session, account, state, asked)
+        until the account changes."""
         delay, retry_at, hold = 0.0, None, math.inf
         if isinstance(exc, Unavailable):
             delay = exp_jitter(
@@ -290,25 +381,6 @@ class Refresher:
         await outcome.record_failure(session, state, exc, retry_at=retry_at, retry_after=delay)
         self._holds.hold(account.id, hold, account.version or 0, exc)
         raise exc
-
-    async def _save_grant(
-        self, session: AsyncSession, account: Account, state: AccountState, grant: TokenGrant, asked: Asked
-    ) -> CachedToken:
-        account, state = await self._still_current(session, account, state, asked, grant)
-        now = self._clock()
-        if grant.expires_at - now < self._min_ttl:
-            await self._record_failure(
-                session,
-                account,
-                state,
-                UpstreamUnavailable(
-                    "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
-                ),
-            )
-        version = await outcome.record_grant(session, self._keyring, account, state, grant)
-        return self._tokens.entry(
-            account.id, grant.access_token, grant.expires_at, version, account.api_url, now
-        )
 
     async def store_authorization(
         self, account_id: str, grant: TokenGrant, *, actor: str | None

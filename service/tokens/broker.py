@@ -35,13 +35,14 @@ from service.kit.crypto import Keyring
 from service.kit.singleflight import SingleFlight
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tokens import authorized
 from service.tokens import repository as repo
 from service.tokens.cache import TokenCache
 from service.tokens.claims import ReplicaLiveness
 from service.tokens.holds import HoldBook
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
-from service.tokens.refresh import Refresher
+from service.tokens.refresh import UNREAD, Refresher
 from service.tokens.response import CachedToken
 
 
@@ -62,6 +63,7 @@ class TokenBroker:
     ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._keyring = keyring
         self.clock = clock
         self.cache = cache or TokenCache(
             margin=settings.refresh_margin_seconds, rng=rng, secrets=secrets, metrics=metrics
@@ -201,6 +203,9 @@ class TokenBroker:
         hold = self.holds.held(account_id)
         if hold is not None:
             hold.raise_again(self.clock())
+        if not background:
+            # The claim transaction reads the stored token first and uses it when it will do.
+            return await self._refresher.refresh(account_id, need, UNREAD, None)
         async with self._refresher.open() as session:
             row = await accounts_repo.get_account(session, account_id)
         if row is None:
@@ -213,9 +218,9 @@ class TokenBroker:
             return entry
         seen = entry.obtained_at if entry is not None else None
         current = self.cache.get(account_id)
-        if background and current is not None and self.limiter.background_full():
+        if current is not None and self.limiter.background_full():
             # Callers without a usable token come first; the next stale hit tries again. No await
-            # between this check and taking the slot below: the count cannot change meanwhile.
+            # between this check and taking the slot: the count cannot change meanwhile.
             return current
         return await self._refresher.refresh(account_id, need, seen, None)
 
@@ -223,7 +228,16 @@ class TokenBroker:
         self, account_id: str, grant: TokenGrant, *, actor: str | None
     ) -> CachedToken:
         """Store what a code exchange returned: the refresh token and the access token, together."""
-        return await self._refresher.store_authorization(account_id, grant, actor=actor)
+        return await authorized.store_authorization(
+            self._refresher.open,
+            self._keyring,
+            self.memory,
+            account_id,
+            grant,
+            actor=actor,
+            now=self.clock(),
+            min_ttl=self._min_ttl,
+        )
 
     async def preload(self) -> int:
         """Fill the cache with every stored token still worth serving, in one query.

@@ -39,6 +39,7 @@ class ReplicaLiveness:
         self.replica_id = replica_id or secrets.token_hex(8)
         self._engine = engine if engine is not None and engine.dialect.name == "mysql" else None
         self._held = asyncio.Event()
+        self._failed = asyncio.Event()  # the last attempt to take the lock failed
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -47,16 +48,21 @@ class ReplicaLiveness:
         return self._engine is not None
 
     async def ready(self, within: float) -> None:
-        """Return once this replica's lock is held (at once on SQLite); StorageUnavailable if the
-        database does not give it within ``within`` seconds."""
+        """Return once this replica's lock is held (at once on SQLite); StorageUnavailable as soon
+        as an attempt to take it failed (the database is down: the keeper tries again every
+        second), or if none succeeded within ``within`` seconds."""
         if self._engine is None or self._held.is_set():
             return
         if self._task is None and not self._closed:
             self._task = asyncio.get_running_loop().create_task(self._keep())
-        try:
-            await asyncio.wait_for(self._held.wait(), within)
-        except TimeoutError:
-            raise StorageUnavailable("The database cannot be reached.", reason="database") from None
+        if not self._failed.is_set():
+            held = asyncio.ensure_future(self._held.wait())
+            failed = asyncio.ensure_future(self._failed.wait())
+            await asyncio.wait({held, failed}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+            held.cancel()
+            failed.cancel()
+        if not self._held.is_set():
+            raise StorageUnavailable("The database cannot be reached.", reason="database")
 
     async def owner_alive(self, session: AsyncSession, owner: str | None) -> bool:
         if owner is None or owner == self.replica_id:
@@ -75,12 +81,14 @@ class ReplicaLiveness:
                 if not await repo.take_named_lock(connection, name):
                     raise RuntimeError("replica lock held elsewhere")
                 await connection.commit()
+                self._failed.clear()
                 self._held.set()
                 while await repo.holds_named_lock(connection, name):
                     await connection.commit()
                     await asyncio.sleep(PING_SECONDS)
             except (SQLAlchemyError, OSError, RuntimeError) as exc:
                 log.warning("replica lock lost", extra={"reason": type(exc).__name__})
+                self._failed.set()
             finally:
                 self._held.clear()
                 if connection is not None:

@@ -25,32 +25,29 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
 from service.accounts.credentials import AccountSecrets
-from service.accounts.status import Status
 from service.errors import (
     AccountNotFound,
     ActionRequired,
-    InvalidCredentials,
     NeedsAuthorization,
     StorageUnavailable,
     Unavailable,
     UpstreamUnavailable,
 )
-from service.idp.azure_ad import AzureADClient, ClientCredentials, TokenGrant
+from service.idp.azure_ad import AzureADClient, TokenGrant
 from service.kit import timeutil
 from service.kit.backoff import exp_jitter
 from service.kit.crypto import Keyring
@@ -58,19 +55,23 @@ from service.kit.db import open_session
 from service.metrics import Metrics
 from service.models import Account, AccountState
 from service.settings import Settings
-from service.tokens import outcome
+from service.tokens import outcome, stored
 from service.tokens import repository as repo
 from service.tokens.claims import ReplicaLiveness
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
 from service.tokens.response import CachedToken
+from service.tokens.stored import Asked
 
 log = logging.getLogger("service.broker")
 
-# What Azure is asked with: the grant type, the credentials and the refresh token.
-Asked = tuple[str, ClientCredentials, str]
 Answer = TokenGrant | ActionRequired | UpstreamUnavailable
 
+CLEAR_CLAIM: dict[str, Any] = {
+    "refresh_claim_owner": None,
+    "refresh_claim_id": None,
+    "refresh_claim_expires_at": None,
+}
 LOCK_TIMEOUT = "Another replica is still refreshing this account's token; try again."
 
 
@@ -83,6 +84,20 @@ class Claim:
     asked: Asked
     claim_id: str
     refreshed_at: datetime | None
+
+
+class Unread:
+    """``seen`` not read yet: the first claim transaction reads it."""
+
+
+UNREAD = Unread()
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Another live replica holds the claim; ``seen``: the stored token's time as read."""
+
+    seen: float | None
 
 
 class Refresher:
@@ -121,12 +136,13 @@ class Refresher:
         return open_session(self.sessions, lock_timeout=LOCK_TIMEOUT)
 
     async def refresh(
-        self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
+        self, account_id: str, need: float, seen: float | Unread | None, refreshed_before: datetime | None
     ) -> CachedToken:
         """A token with ``need`` seconds left, from the database or from Azure.
 
-        ``seen``: when the stored token was obtained, as read before; ``refreshed_before``: a
-        keepalive, satisfied by any refresh after that time."""
+        ``seen``: when the stored token was obtained, as read before (``UNREAD``: by the first
+        claim transaction); ``refreshed_before``: a keepalive, satisfied by any refresh after that
+        time."""
         wait = float(self._settings.lock_wait_seconds)
         deadline = time.monotonic() + wait
         pause = 0.02
@@ -136,8 +152,9 @@ class Refresher:
                 got = await self._claim(account_id, need, seen, refreshed_before)
                 if isinstance(got, Claim):
                     return await self._redeem(got)
-            if got is not None:
+            if not isinstance(got, Wait):
                 return got
+            seen = got.seen  # what the stored token was before the other replica's refresh
             # Another live replica is at Azure for this account: wait for what it stores, holding
             # neither a connection nor a slot.
             left = deadline - time.monotonic()
@@ -147,10 +164,10 @@ class Refresher:
             pause = min(pause * 2, 0.5)
 
     async def _claim(
-        self, account_id: str, need: float, seen: float | None, refreshed_before: datetime | None
-    ) -> CachedToken | Claim | None:
+        self, account_id: str, need: float, seen: float | Unread | None, refreshed_before: datetime | None
+    ) -> CachedToken | Claim | Wait:
         """The first transaction: the stored token if it will do, else this replica's claim, else
-        None while another live replica holds one."""
+        ``Wait`` while another live replica holds one."""
         async with self.open() as session:
             waited = time.perf_counter()
             row = await accounts_repo.lock_account_state(session, account_id)
@@ -159,7 +176,10 @@ class Refresher:
                 self._memory.forget(account_id)
                 raise AccountNotFound(account_id)
             account, state = row
-            reuse = self._reusable(account, state, need, seen, refreshed_before)
+            entry = self._tokens.from_row(account, state)
+            if isinstance(seen, Unread):
+                seen = entry.obtained_at if entry is not None else None
+            reuse = self._reusable(entry, state, need, seen, refreshed_before)
             if reuse is not None:
                 return reuse
             self._refuse_if_blocked(account, state)
@@ -170,7 +190,7 @@ class Refresher:
                 and expires > now
                 and await self._liveness.owner_alive(session, state.refresh_claim_owner)
             ):
-                return None
+                return Wait(seen)
             asked = self._asked_with(account, state)
             if asked[0] == "authorization_code" and not asked[2]:
                 await self._record_failure(
@@ -230,18 +250,25 @@ class Refresher:
             if row is None:
                 self._memory.forget(account_id)
                 raise AccountNotFound(account_id)
-            (account, state), _ = await self.lock_seed_row(session, *row)
-            if state.refresh_claim_id == claim.claim_id:
-                await repo.clear_claim(session, account_id, claim.claim_id)
+            locked = await stored.lock_seed_row(session, *row)
+            if locked is None:
+                self._memory.forget(account_id)
+                raise AccountNotFound(account_id)
+            account, state = locked
+            # The claim is cleared in the same statement as the result when it is still ours (the
+            # row is locked); a claim taken over stays with the replica that took it.
+            release = CLEAR_CLAIM if state.refresh_claim_id == claim.claim_id else {}
             asked_now = self._asked_with(account, state)
-            if _grant_inputs(asked_now) != _grant_inputs(claim.asked) or (
+            if stored.grant_inputs(asked_now) != stored.grant_inputs(claim.asked) or (
                 state.last_refreshed_at != claim.refreshed_at
             ):
+                if release:
+                    await repo.clear_claim(session, account_id, claim.claim_id)
                 entry = self._superseded(account, state, claim, asked_now, answer)
                 await session.commit()
                 return entry
             if not isinstance(answer, TokenGrant):
-                await self._record_failure(session, account, state, answer)
+                await self._record_failure(session, account, state, answer, release)
             now = self._clock()
             if answer.expires_at - now < self._min_ttl:
                 await self._record_failure(
@@ -251,8 +278,9 @@ class Refresher:
                     UpstreamUnavailable(
                         "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
                     ),
+                    release,
                 )
-            version = await outcome.record_grant(session, self._keyring, account, state, answer)
+            version = await outcome.record_grant(session, self._keyring, account, state, answer, also=release)
             await session.commit()
             return self._tokens.entry(
                 account.id, answer.access_token, answer.expires_at, version, account.api_url, now
@@ -264,11 +292,11 @@ class Refresher:
         """Another result was stored, or an admin changed the account, since the claim read it:
         this answer is dropped. The stored token is served when it was made with the same
         credentials (a replica that took the claim over stored it); else the caller tries again."""
-        same_credentials = _grant_inputs(asked_now)[:2] == _grant_inputs(claim.asked)[:2]
-        stored = self._tokens.from_row(account, state)
-        if same_credentials and stored is not None and stored.expires_at - self._clock() >= self._min_ttl:
+        same_credentials = stored.grant_inputs(asked_now)[:2] == stored.grant_inputs(claim.asked)[:2]
+        kept = self._tokens.from_row(account, state)
+        if same_credentials and kept is not None and kept.expires_at - self._clock() >= self._min_ttl:
             log.info("refresh result superseded by a newer one", extra={"account_id": account.id})
-            return stored
+            return kept
         if isinstance(answer, TokenGrant) and answer.refresh_token:
             self._metrics.refresh_token_unsaved.inc()
         log.warning("refresh result dropped: the account changed", extra={"account_id": account.id})
@@ -297,16 +325,15 @@ class Refresher:
 
     def _reusable(
         self,
-        account: Account,
+        entry: CachedToken | None,
         state: AccountState,
         need: float,
         seen: float | None,
         refreshed_before: datetime | None,
     ) -> CachedToken | None:
-        """The stored token when it makes a call to Azure unnecessary: it has ``need`` seconds
+        """The stored token (``entry``) when it makes a call to Azure unnecessary: it has ``need`` seconds
         left, or another replica refreshed while this one waited for the lock (Azure would answer
         a token of the same lifetime, whatever min_ttl asks)."""
-        entry = self._tokens.from_row(account, state)
         if entry is None:
             return None
         left = entry.expires_at - self._clock()
@@ -321,24 +348,10 @@ class Refresher:
         return None
 
     def _refuse_if_blocked(self, account: Account, state: AccountState) -> None:
-        """Raise (and remember) what the stored state says: a wait another replica started, or a
-        refusal only a person can fix (asking Azure again with the same credentials cannot help)."""
-        now = timeutil.utcnow()
-        error: ActionRequired | Unavailable | None = None
-        seconds = math.inf
-        if state.next_attempt_at is not None and state.next_attempt_at > now:
-            seconds = (state.next_attempt_at - now).total_seconds()
-            error = UpstreamUnavailable(
-                f"Azure AD failed recently ({state.last_error_code or 'error'}); the broker waits "
-                "before asking again.",
-                retry_after=seconds,
-                reason="backoff",
-            )
-        elif state.status == Status.NEEDS_AUTHORIZATION and state.last_error_code:
-            error = NeedsAuthorization(outcome.action_text(state), idp_code=state.last_error_code)
-        elif state.status == Status.INVALID_CREDENTIALS and state.last_error_code:
-            error = InvalidCredentials(outcome.action_text(state), idp_code=state.last_error_code)
-        if error is not None:
+        """Raise (and remember) what the stored state says (stored.refusal)."""
+        found = stored.refusal(state)
+        if found is not None:
+            error, seconds = found
             self._holds.hold(account.id, seconds, account.version or 0, error)
             raise error
 
@@ -348,21 +361,13 @@ class Refresher:
             refresh_token = self._secrets.refresh_token(account)
         return state.grant_type, self._secrets.credentials(account), refresh_token
 
-    async def lock_seed_row(
-        self, session: AsyncSession, account: Account, state: AccountState
-    ) -> tuple[tuple[Account, AccountState], bool]:
-        """Lock the account's seed row (after its token row, the order every writer takes them);
-        the rows as they are now, and whether VERSION moved since ``account`` was read."""
-        if await accounts_repo.lock_account_version(session, account.id) == (account.version or 0):
-            return (account, state), False
-        row = await accounts_repo.get_account(session, account.id)
-        if row is None:
-            self._memory.forget(account.id)
-            raise AccountNotFound(account.id)
-        return row, True
-
     async def _record_failure(
-        self, session: AsyncSession, account: Account, state: AccountState, exc: ActionRequired | Unavailable
+        self,
+        session: AsyncSession,
+        account: Account,
+        state: AccountState,
+        exc: ActionRequired | Unavailable,
+        also: Mapping[str, Any] | None = None,
     ) -> NoReturn:
         """Store what went wrong (committed even though the caller gets an error), then raise it
         and hold the account in this process: a transient failure for its backoff, a refusal
@@ -378,43 +383,6 @@ class Refresher:
             )
             retry_at = timeutil.from_epoch(self._clock() + delay)
             hold = delay
-        await outcome.record_failure(session, state, exc, retry_at=retry_at, retry_after=delay)
+        await outcome.record_failure(session, state, exc, retry_at=retry_at, retry_after=delay, also=also)
         self._holds.hold(account.id, hold, account.version or 0, exc)
         raise exc
-
-    async def store_authorization(
-        self, account_id: str, grant: TokenGrant, *, actor: str | None
-    ) -> CachedToken:
-        """Store what a code exchange returned: the refresh token and the access token, together."""
-        if not grant.refresh_token:
-            raise UpstreamUnavailable(
-                "Azure AD returned no refresh token: the app registration must allow offline_access.",
-                reason="bad_response",
-            )
-        if grant.expires_at - self._clock() < self._min_ttl:
-            # Checked before anything is written: a failed authorization leaves the account as it was.
-            raise UpstreamUnavailable(
-                "Azure AD issued a token that expires too soon to hand out.", reason="short_lifetime"
-            )
-        async with self.open() as session, session.begin():
-            row = await accounts_repo.lock_account_state(session, account_id)
-            if row is None:
-                raise AccountNotFound(account_id)
-            (account, state), _ = await self.lock_seed_row(session, *row)
-            # A new authorization supersedes any earlier failure or backoff.
-            await accounts_repo.update_state(session, account_id, {"next_attempt_at": None, "failures": 0})
-            version = await outcome.record_grant(session, self._keyring, account, state, grant)
-            await accounts_repo.add_event(session, account_id=account_id, kind="authorized", actor=actor)
-        entry = self._tokens.entry(
-            account_id, grant.access_token, grant.expires_at, version, account.api_url, self._clock()
-        )
-        self._holds.lift(account_id)
-        self._tokens.store(entry)
-        return entry
-
-
-def _grant_inputs(asked: Asked) -> Asked:
-    """What a refresh's result depends on: the authorize URL plays no part, so changing it does
-    not void a result."""
-    grant_type, creds, refresh_token = asked
-    return grant_type, dataclasses.replace(creds, authorization_url=""), refresh_token

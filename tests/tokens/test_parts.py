@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from service.errors import NeedsAuthorization, UpstreamUnavailable
 from service.kit.crypto import Keyring, generate_key
 from service.metrics import Metrics
 from service.tokens.cache import TokenCache
+from service.tokens.claims import ReplicaLiveness
 from service.tokens.holds import HoldBook
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
@@ -165,3 +167,24 @@ async def test_limiter_bounds_refreshes_and_reserves_slots_for_callers() -> None
     await asyncio.gather(*tasks)
     assert (entered, limiter.running) == (5, 0)
     assert not limiter.background_full()
+
+
+def test_limiter_for_slots_leaves_callers_an_eighth() -> None:
+    """BROKER_MAX_CONCURRENT_REFRESHES=64 lets background refreshes take 56; small limits keep
+    at least one slot for callers (one slot: shared)."""
+    assert (RefreshLimiter.for_slots(64).slots, RefreshLimiter.for_slots(64).background_slots) == (64, 56)
+    assert RefreshLimiter.for_slots(5).background_slots == 4
+    assert RefreshLimiter.for_slots(1).background_slots == 1
+
+
+async def test_liveness_without_named_locks() -> None:
+    """On SQLite no lock is taken; this replica's own earlier claim is never live (the
+    single-flight runs one refresh per account here), another id's is live until it expires."""
+    liveness = ReplicaLiveness(None, replica_id="me")
+    await liveness.ready(0.1)  # returns at once
+    assert not liveness.named_locks
+    session: Any = None  # not used without named locks
+    assert await liveness.owner_alive(session, "me") is False
+    assert await liveness.owner_alive(session, None) is False
+    assert await liveness.owner_alive(session, "an-earlier-process") is True
+    await liveness.close()

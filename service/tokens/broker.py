@@ -38,11 +38,11 @@ from service.settings import Settings
 from service.tokens import authorized
 from service.tokens import repository as repo
 from service.tokens.cache import TokenCache
-from service.tokens.claims import ReplicaLiveness
+from service.tokens.claims import UNREAD, ReplicaLiveness
 from service.tokens.holds import HoldBook
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
-from service.tokens.refresh import UNREAD, Refresher
+from service.tokens.refresh import Refresher
 from service.tokens.response import CachedToken
 
 

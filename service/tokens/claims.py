@@ -1,4 +1,4 @@
-"""Whether the replica that claimed an account's refresh still lives.
+"""A refresh claim (what refresh.py writes on the token row) and whether its owner still lives.
 
 Invariants:
 * On MySQL/MariaDB each replica holds the named lock ``broker-replica-<id>`` on one dedicated
@@ -18,16 +18,52 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from service.errors import StorageUnavailable
+from service.models import Account
 from service.tokens import repository as repo
+from service.tokens.stored import Asked
 
 log = logging.getLogger("service.broker")
 
 PING_SECONDS = 1.0
+
+CLEAR_CLAIM: dict[str, Any] = {
+    "refresh_claim_owner": None,
+    "refresh_claim_id": None,
+    "refresh_claim_expires_at": None,
+}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """This replica's claim on one account's refresh: what Azure is asked with, and when the
+    stored token had last been refreshed as the claim read it (a later time: stored since)."""
+
+    account: Account
+    asked: Asked
+    claim_id: str
+    refreshed_at: datetime | None
+
+
+class Unread:
+    """``seen`` not read yet: the first claim transaction reads it."""
+
+
+UNREAD = Unread()
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Another live replica holds the claim; ``seen``: the stored token's time as read."""
+
+    seen: float | None
 
 
 def lock_name(replica_id: str) -> str:

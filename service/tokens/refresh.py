@@ -31,7 +31,6 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
@@ -57,7 +56,7 @@ from service.models import Account, AccountState
 from service.settings import Settings
 from service.tokens import outcome, stored
 from service.tokens import repository as repo
-from service.tokens.claims import ReplicaLiveness
+from service.tokens.claims import CLEAR_CLAIM, Claim, ReplicaLiveness, Unread, Wait
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
 from service.tokens.response import CachedToken
@@ -67,37 +66,7 @@ log = logging.getLogger("service.broker")
 
 Answer = TokenGrant | ActionRequired | UpstreamUnavailable
 
-CLEAR_CLAIM: dict[str, Any] = {
-    "refresh_claim_owner": None,
-    "refresh_claim_id": None,
-    "refresh_claim_expires_at": None,
-}
 LOCK_TIMEOUT = "Another replica is still refreshing this account's token; try again."
-
-
-@dataclass(frozen=True)
-class Claim:
-    """This replica's claim on one account's refresh: what Azure is asked with, and when the
-    stored token had last been refreshed as the claim read it (a later time: stored since)."""
-
-    account: Account
-    asked: Asked
-    claim_id: str
-    refreshed_at: datetime | None
-
-
-class Unread:
-    """``seen`` not read yet: the first claim transaction reads it."""
-
-
-UNREAD = Unread()
-
-
-@dataclass(frozen=True)
-class Wait:
-    """Another live replica holds the claim; ``seen``: the stored token's time as read."""
-
-    seen: float | None
 
 
 class Refresher:

@@ -49,6 +49,9 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
 
+bench-refresh: install
+	$(BIN)/python -m bench.refresh $(ARGS)
+
 # The fault, throttling, crash, database-restart, rotation and load scenarios at full length
 # (MariaDB on 127.0.0.1:3306); `make test` runs the same scenarios in their short form.
 reliability: install

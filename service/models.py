@@ -82,7 +82,8 @@ class Account(Base):
 class AccountState(Base):
     """The broker's side of an account: grant type, status and the cached access token.
 
-    This row is what a refresh locks (``SELECT ... FOR UPDATE``) so replicas take turns.
+    A refresh claims this row in a short transaction (``SELECT ... FOR UPDATE``, then the claim
+    columns) so replicas take turns without holding a lock while Azure answers.
     """
 
     __tablename__ = "broker_account_state"
@@ -103,6 +104,11 @@ class AccountState(Base):
     failures: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)
+    # The refresh claim (service/tokens/refresh.py): the replica calling Azure for this account,
+    # the claim's id (a replica's later claim is another), and when another replica may take it.
+    refresh_claim_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    refresh_claim_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    refresh_claim_expires_at: Mapped[datetime | None] = mapped_column(TIMESTAMP, nullable=True)
 
 
 class AccountCredential(Base):

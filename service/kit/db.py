@@ -7,17 +7,21 @@ re-reads it sees what another replica committed, and never waits on a lock forev
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from service.errors import StorageUnavailable, UpstreamUnavailable
 from service.settings import Settings
 
 # MySQL connections kept per replica, and as many more under load. The broker lets at most half
-# of them wait on Azure (broker.REFRESH_SLOTS); probes, the sync and the admin API use the rest.
+# of them wait on Azure (tokens/limiter.py); probes, the sync and the admin API use the rest.
 POOL_SIZE = 10
 
 
@@ -79,3 +83,30 @@ def _sqlite_begin(conn: Any) -> None:
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+LOCK_TIMEOUT = "A lock another request holds was not released in time; try again."
+
+
+@asynccontextmanager
+async def open_session(
+    sessions: async_sessionmaker[AsyncSession], *, lock_timeout: str = LOCK_TIMEOUT
+) -> AsyncIterator[AsyncSession]:
+    """A session whose database errors come out as the error tree's kinds: a lock wait that ran
+    out is ``UpstreamUnavailable`` (reason ``lock_timeout``, detail ``lock_timeout``), anything
+    else ``StorageUnavailable``. The driver's message (it may quote SQL) is never passed on."""
+    try:
+        async with sessions() as session:
+            yield session
+    except DBAPIError as exc:
+        if is_lock_timeout(exc):
+            raise UpstreamUnavailable(lock_timeout, retry_after=1, reason="lock_timeout") from None
+        raise StorageUnavailable("The database cannot be reached.", reason="database") from None
+    except SQLAlchemyError:
+        raise StorageUnavailable("The database cannot be reached.", reason="database") from None
+
+
+def is_lock_timeout(exc: DBAPIError) -> bool:
+    """MySQL's lock wait timeout (1205) or NOWAIT/SKIP LOCKED refusal (3572), or SQLite's busy."""
+    code = getattr(exc.orig, "args", [None])[0]
+    return code in (1205, 3572) or "locked" in str(exc.orig).lower()

@@ -10,6 +10,7 @@ previous one, and each switch between them is an event.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +35,7 @@ async def record_failure(
     *,
     retry_at: datetime | None,
     retry_after: float,
+    also: Mapping[str, Any] | None = None,
 ) -> None:
     """Store what went wrong and commit (the caller gets an error, the history keeps it).
 
@@ -69,7 +71,7 @@ async def record_failure(
             "retry_after": round(retry_after, 1) if status == Status.FAILING else None,
         },
     )
-    await accounts_repo.update_state(session, account_id, values)
+    await accounts_repo.update_state(session, account_id, {**values, **(also or {})})
     detail = {"code": values["last_error_code"], "message": values["last_error_message"]}
     await accounts_repo.add_event(session, account_id=account_id, kind="refresh_failed", detail=detail)
     if status != state.status:
@@ -83,10 +85,17 @@ async def record_failure(
 
 
 async def record_grant(
-    session: AsyncSession, keyring: Keyring, account: Account, state: AccountState, grant: TokenGrant
+    session: AsyncSession,
+    keyring: Keyring,
+    account: Account,
+    state: AccountState,
+    grant: TokenGrant,
+    *,
+    also: Mapping[str, Any] | None = None,
 ) -> int:
     """Write Azure's answer (a rotated refresh token, the access token, status ``ready``) without
-    committing; returns the account's VERSION after it."""
+    committing; returns the account's VERSION after it. ``also``: more state columns to write in
+    the same statement (the refresh claim, cleared)."""
     version = account.version or 0
     if grant.refresh_token:
         sealed = sealing.seal(keyring, sealing.REFRESH_TOKEN, account.id, grant.refresh_token)
@@ -110,6 +119,7 @@ async def record_grant(
             "last_error_message": None,
             "next_attempt_at": None,
             "failures": 0,
+            **(also or {}),
         },
     )
     await accounts_repo.add_event(

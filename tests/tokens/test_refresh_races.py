@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import respx
 
 from service.errors import UpstreamUnavailable
-from service.tokens.broker import BACKGROUND_SLOTS, REFRESH_SLOTS
+from service.settings import Settings
 from tests.conftest import (
     CLIENT_SECRET,
     TOKEN_URL_V1,
@@ -23,24 +24,38 @@ from tests.conftest import (
 )
 from tests.tokens.test_tokens import Held, create, form, stored_refresh_token
 
+SLOTS = 5  # BROKER_MAX_CONCURRENT_REFRESHES in the tests of the limit
 
-async def test_slow_azure_leaves_the_pool_to_probes_and_admins(running: Any, azure: respx.MockRouter) -> None:
-    """At most REFRESH_SLOTS refreshes hold a connection while Azure is slow; /readyz and the
-    admin API keep answering, and every caller gets its token once Azure does."""
+
+async def test_slow_azure_leaves_the_pool_to_probes_and_admins(
+    settings: Settings, run_app: Callable[[Settings], Any], azure: respx.MockRouter
+) -> None:
+    """At most BROKER_MAX_CONCURRENT_REFRESHES refreshes are at Azure while it is slow, holding
+    no connection; /readyz and the admin API keep answering, and every caller gets its token once
+    Azure does."""
     held = Held(httpx.Response(200, json=v1_token("slow", "rt-2")))
     azure.post(TOKEN_URL_V1).mock(side_effect=held)
-    ids = [await create(running) for _ in range(REFRESH_SLOTS + 5)]
-    waiters = [asyncio.create_task(running.ctx.broker.get_token(i)) for i in ids]
-    await held.until_arrived(REFRESH_SLOTS)
-    for _ in range(50):  # every waiter gets the chance to start its refresh
-        await asyncio.sleep(0)
-    assert held.arrived == REFRESH_SLOTS
-    assert (await running.client.get("/readyz")).status_code == 200
-    assert (await running.client.get("/accounts", headers=admin())).status_code == 200
-    held.release.set()
-    tokens = await asyncio.gather(*waiters)
-    assert {t.access_token for t in tokens} == {"slow"}
-    assert held.arrived == len(ids)
+    async with run_app(settings.model_copy(update={"max_concurrent_refreshes": SLOTS})) as running:
+        ids = [await create(running) for _ in range(SLOTS + 5)]
+        waiters = [asyncio.create_task(running.ctx.broker.get_token(i)) for i in ids]
+        await held.until_arrived(SLOTS)
+        for _ in range(50):  # every waiter gets the chance to start its refresh
+            await asyncio.sleep(0)
+        assert held.arrived == SLOTS
+        pool = running.ctx.engine.pool
+
+        async def connections_returned() -> None:  # the queued callers' reads end; Azure holds none
+            while pool.checkedout() > 1:  # at most the replica lock's connection (MySQL)
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(connections_returned(), timeout=10)
+        assert held.arrived == SLOTS
+        assert (await running.client.get("/readyz")).status_code == 200
+        assert (await running.client.get("/accounts", headers=admin())).status_code == 200
+        held.release.set()
+        tokens = await asyncio.gather(*waiters)
+        assert {t.access_token for t in tokens} == {"slow"}
+        assert held.arrived == len(ids)
 
 
 async def test_default_moving_elsewhere_during_a_refresh_keeps_its_result(
@@ -121,7 +136,7 @@ async def test_a_refused_account_is_not_asked_about_again_on_every_request(
     broker = running.ctx.broker
     assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
     assert (await running.client.get(f"/accounts/{account_id}/token", headers=client())).status_code == 200
-    while broker._inflight:  # the background refresh that Azure refuses
+    while broker.refreshes_in_flight:  # the background refresh that Azure refuses
         await asyncio.sleep(0.01)
     got = (await running.client.get(f"/accounts/{account_id}", headers=admin())).json()
     assert got["status"] == "needs_authorization"
@@ -130,7 +145,7 @@ async def test_a_refused_account_is_not_asked_about_again_on_every_request(
             r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
             assert r.json()["access_token"] == "short"
             await asyncio.sleep(0)
-        while broker._inflight:
+        while broker.refreshes_in_flight:
             await asyncio.sleep(0.01)
     assert statements == []
     assert route.call_count == 2
@@ -194,10 +209,10 @@ async def test_default_missing_or_out_of_scope_costs_the_same_lookups(
 
 
 async def test_background_refreshes_leave_slots_to_callers_without_a_token(
-    running: Any, azure: respx.MockRouter
+    settings: Settings, run_app: Callable[[Settings], Any], azure: respx.MockRouter
 ) -> None:
-    """Stale tokens being refreshed in the background (Azure slow) take at most BACKGROUND_SLOTS:
-    a caller with no token at all still gets a slot and its token at once."""
+    """Stale tokens being refreshed in the background (Azure slow) take at most the limiter's
+    background slots: a caller with no token at all still gets a slot and its token at once."""
     release, hold, held = asyncio.Event(), False, 0
 
     async def answer(request: httpx.Request) -> httpx.Response:
@@ -210,27 +225,31 @@ async def test_background_refreshes_leave_slots_to_callers_without_a_token(
         return httpx.Response(200, json=v1_token("stale", None, expires_in=200))  # inside the margin
 
     azure.post(TOKEN_URL_V1).mock(side_effect=answer)
-    stale = [await create(running) for _ in range(REFRESH_SLOTS)]
-    for account_id in stale:
-        assert (
-            await running.client.get(f"/accounts/{account_id}/token", headers=client())
-        ).status_code == 200
-    hold = True
-    broker = running.ctx.broker
-    for account_id in stale:  # stale hits: each may start a background refresh
-        r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
-        assert r.json()["access_token"] == "stale"
+    async with run_app(settings.model_copy(update={"max_concurrent_refreshes": SLOTS})) as running:
+        background_slots = running.ctx.broker.limiter.background_slots
+        stale = [await create(running) for _ in range(SLOTS)]
+        for account_id in stale:
+            assert (
+                await running.client.get(f"/accounts/{account_id}/token", headers=client())
+            ).status_code == 200
+        hold = True
+        broker = running.ctx.broker
+        for account_id in stale:  # stale hits: each may start a background refresh
+            r = await running.client.get(f"/accounts/{account_id}/token", headers=client())
+            assert r.json()["access_token"] == "stale"
 
-    async def settled() -> None:  # each refresh is waiting at Azure or has given its slot up
-        while held < BACKGROUND_SLOTS or len(broker._inflight) != held:
-            await asyncio.sleep(0.01)
+        async def settled() -> None:  # each refresh is waiting at Azure or has given its slot up
+            while held < background_slots or broker.refreshes_in_flight != held:
+                await asyncio.sleep(0.01)
 
-    await asyncio.wait_for(settled(), timeout=10)
-    assert held == BACKGROUND_SLOTS
-    other = await create(running, refresh_token="rt-for-the-caller")
-    r = await asyncio.wait_for(running.client.get(f"/accounts/{other}/token", headers=client()), timeout=10)
-    assert r.json()["access_token"] == "for-the-caller"
-    release.set()
+        await asyncio.wait_for(settled(), timeout=10)
+        assert held == background_slots
+        other = await create(running, refresh_token="rt-for-the-caller")
+        r = await asyncio.wait_for(
+            running.client.get(f"/accounts/{other}/token", headers=client()), timeout=10
+        )
+        assert r.json()["access_token"] == "for-the-caller"
+        release.set()
 
 
 async def test_min_ttl_callers_join_the_forced_refresh_and_get_no_less_after_it_failed(

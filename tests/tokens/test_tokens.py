@@ -16,6 +16,7 @@ import respx
 from service.accounts import repository as accounts_repo
 from service.kit import sealing, timeutil
 from service.models import Account
+from service.tokens.broker import TokenBroker
 from tests.conftest import (
     API_URL,
     CLIENT_SECRET,
@@ -271,7 +272,7 @@ async def test_inside_margin_serves_cached_and_refreshes_once_in_background(
     await held.until_arrived()
     assert held.arrived == 1
     held.release.set()
-    while running.ctx.broker._inflight:
+    while running.ctx.broker.refreshes_in_flight:
         await asyncio.sleep(0.01)
     fresh = await running.client.get(f"/accounts/{account_id}/token", headers=client())
     assert fresh.json()["access_token"] == "long"
@@ -361,8 +362,18 @@ async def test_database_down_serves_cache_and_never_redeems(running: Any, azure:
     dead = create_async_engine(
         "mysql+aiomysql://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 1}
     )
-    broker = running.ctx.broker
-    broker._sessions = async_sessionmaker(dead)
+    ctx = running.ctx
+    live = ctx.broker
+    # The same cache, over a database that cannot be reached.
+    ctx.broker = TokenBroker(
+        sessions=async_sessionmaker(dead),
+        azure=ctx.azure,
+        keyring=ctx.keyring,
+        secrets=ctx.secrets,
+        settings=ctx.settings,
+        metrics=ctx.metrics,
+        cache=live.cache,
+    )
     try:
         ok = await running.client.get(f"/accounts/{cached}/token", headers=client())
         assert ok.json()["access_token"] == "cached"
@@ -372,6 +383,7 @@ async def test_database_down_serves_cache_and_never_redeems(running: Any, azure:
         assert "retry-after" in down.headers
         assert route.call_count == 1
     finally:
+        ctx.broker = live
         await dead.dispose()
 
 

@@ -20,6 +20,7 @@ from service.keys.store import KeyStore
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy
 from service.metrics import Metrics
+from service.proxy.service import ProxyService
 from service.settings import Settings
 from service.tokens.broker import TokenBroker
 from service.webhooks.service import Notifier
@@ -42,4 +43,5 @@ class Context:
     secrets: AccountSecrets
     background: Background
     notifier: Notifier | None = None
+    proxy: ProxyService | None = None
     draining: bool = False  # set when shutdown begins: readiness fails so traffic moves away

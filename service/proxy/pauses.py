@@ -7,14 +7,17 @@ Invariants:
   saw the 429 is not held up by the database); the row too only moves forward.
 * While the proxy is in use (a request in the last ``IN_USE_SECONDS``), ``PauseSync`` reads the
   pauses still running once per ``interval`` (one query for all accounts), so a pause set by
-  another replica reaches this one within about a second. A database error costs one round, never
-  the proxy: pauses are an optimisation of what upstream enforces anyway.
+  another replica reaches this one within about a second. A replica whose poll has not run for
+  two intervals (it was idle) reads them before its next request goes upstream (one query, shared
+  by the callers who arrive meanwhile). A database error costs one round, never the proxy: pauses
+  are an optimisation of what upstream enforces anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Iterable
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -73,6 +76,8 @@ class PauseSync:
         self._sessions = sessions
         self.interval = interval
         self._last_use = -IN_USE_SECONDS
+        self._polled_at = -math.inf
+        self._polling: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Task[None]] = set()
 
     def touch(self) -> None:
@@ -102,10 +107,25 @@ class PauseSync:
     async def poll_once(self) -> None:
         if not self.in_use():
             return
-        now = timeutil.from_epoch(self.book.clock())
+        await self._read()
+
+    async def _read(self) -> None:
+        started = self.book.clock()
         async with self._sessions() as session:
-            rows = await repo.active_pauses(session, now)
+            rows = await repo.active_pauses(session, timeutil.from_epoch(started))
         self.book.merge((account_id, timeutil.to_epoch(until)) for account_id, until in rows)
+        self._polled_at = started
+
+    async def fresh(self) -> None:
+        """Make sure the pauses are at most two intervals old (an idle replica reads them now)."""
+        if self.book.clock() - self._polled_at <= 2 * self.interval:
+            return
+        if self._polling is None or self._polling.done():
+            self._polling = asyncio.get_running_loop().create_task(self._read())
+        try:
+            await asyncio.shield(self._polling)
+        except (SQLAlchemyError, OSError) as exc:
+            log.warning("proxy pauses not read", extra={"error_type": type(exc).__name__})
 
     async def run(self) -> None:
         while True:

@@ -174,6 +174,7 @@ class ProxyService:
         body = await take_body(incoming.body, self._settings.proxy_max_body_bytes, declared)
         token = await self._broker.get_token(account_id)
         url = paths.target(token.api_url, rest, incoming.query, self._policy)
+        await self.sync.fresh()
         try:
             slot = await self.pacer.acquire(account_id)
         except Throttled:

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install lint typecheck pytest openapi bench bench-quick reliability clean
+.PHONY: run test install lint typecheck pytest openapi bench bench-quick bench-proxy reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python -m bench.run --quick
+
+# Proxied GET against calling the fake Dataverse directly, in one run (needs wrk).
+bench-proxy: install
+	$(BIN)/python -m bench.proxy
 
 # The fault, throttling, crash, database-restart, rotation and load scenarios at full length
 # (MariaDB on 127.0.0.1:3306); `make test` runs the same scenarios in their short form.

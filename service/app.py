@@ -166,7 +166,14 @@ def wrap(app: FastAPI, settings: Settings) -> TokenFastPath:
         ctx: Context | None = app.state.ctx
         return ctx
 
-    limited = ProxyBypass(BodyLimit(app, settings.max_body_bytes), app)  # the proxy limits its own bodies
+    def proxy_service() -> ProxyService | None:
+        ctx = context()
+        return ctx.proxy if ctx is not None else None
+
+    # Proxy paths: answered below FastAPI, under their own body limit (service/proxy/asgi.py).
+    limited = ProxyBypass(
+        BodyLimit(app, settings.max_body_bytes), app, proxy_service, problems.problem_response
+    )
     inner = AccessLog(RequireKey(limited, context))
     return TokenFastPath(inner, context)
 

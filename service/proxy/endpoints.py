@@ -1,7 +1,9 @@
 """``GET|POST|PATCH|PUT|DELETE /accounts/{id}/api/{path}``: the Dynamics Web API, through the broker.
 
 Thin: the route hands the raw request to ``ProxyService`` and returns its streamed response. One
-route per method, so each has its own operation in the OpenAPI document.
+route per method, so each has its own operation in the OpenAPI document. In the served stack,
+requests with an accepted key are answered by ``asgi.ProxyBypass`` in front of FastAPI, the same
+way (it shares ``incoming`` and the service); these routes document them and serve the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from fastapi.responses import Response
 
 from service.api.deps import AccountId, Caller, Ctx
 from service.kit.schemas import Problem
-from service.proxy.service import Incoming
+from service.proxy.asgi import incoming
 
 router = APIRouter(tags=["proxy"])
 
@@ -55,19 +57,11 @@ async def proxy(
 ) -> Response:
     service = ctx.proxy
     assert service is not None
-    scope = request.scope
-    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-    incoming = Incoming(
-        method=request.method,
-        raw_path=raw_path.split(b"?", 1)[0],
-        query=scope.get("query_string", b""),
-        headers=list(scope["headers"]),
-        body=request.stream(),
-    )
-    rest = service.check_path(incoming)
+    sent = incoming(request)
+    rest = service.check_path(sent)
     account = await service.resolve(caller, account_id)
     request.state.account_id = account  # for the access log line
-    return await service.forward(account, rest, incoming)
+    return await service.forward(account, rest, sent)
 
 
 for _method in METHODS:

@@ -11,6 +11,7 @@ Invariants:
 * An upstream 401 costs one forced refresh per rejected token (``refresh.py``) and one resend
   when the body is replayable (empty, or buffered because it was at most ``REPLAY_BYTES``).
 * Network errors are 502, never retried, except a replayable GET once after a connection error.
+* Response bodies are streamed back raw (a body announced at most 64 KiB is read whole first).
 * Request bodies larger than ``BROKER_PROXY_MAX_BODY_BYTES`` are refused (413), by Content-Length
   before anything is read, or while streaming.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.errors import AccountNotFound, BadGateway, BrokerError, PayloadTooLarge, Throttled
@@ -45,6 +46,7 @@ log = logging.getLogger("service.proxy")
 
 REPLAY_BYTES = 1024 * 1024  # bodies up to this are buffered, so a 401 can be answered by a resend
 THROTTLE_STATUSES = (429, 503)
+SMALL_BYTES = 64 * 1024
 
 
 @dataclass
@@ -114,6 +116,13 @@ async def _counted(
         yield chunk
 
 
+def _small(upstream: httpx.Response) -> bool:
+    """A body announced at most ``SMALL_BYTES`` long is read whole and sent in one message: the
+    streaming machinery costs more than the copy, and the account's place is freed sooner."""
+    length = upstream.headers.get("content-length", "")
+    return length.isdigit() and int(length) <= SMALL_BYTES
+
+
 def outcome_of(status: int, *, resent: bool, throttled: bool) -> str:
     if throttled or status == 429:
         return "throttled_upstream"
@@ -168,7 +177,7 @@ class ProxyService:
         self.sync.touch()
         return paths.check_remainder(paths.raw_remainder(incoming.raw_path))
 
-    async def forward(self, account_id: str, rest: str, incoming: Incoming) -> StreamingResponse:
+    async def forward(self, account_id: str, rest: str, incoming: Incoming) -> Response:
         """Send the request for an account already resolved and in the caller's scope."""
         declared = next((v for k, v in incoming.headers if k.lower() == b"content-length"), None)
         body = await take_body(incoming.body, self._settings.proxy_max_body_bytes, declared)
@@ -195,6 +204,16 @@ class ProxyService:
             finally:
                 slot.release()
 
+        if _small(upstream):
+            try:
+                content = b"".join([chunk async for chunk in upstream.aiter_raw()])
+            except httpx.HTTPError:
+                raise BadGateway("The Dynamics Web API broke off its answer.") from None
+            finally:
+                await close()
+            small = Response(content, status_code=upstream.status_code)
+            small.raw_headers = hdrs.response_headers(upstream.headers.raw)
+            return small
         return Relay(upstream, close)
 
     async def resolve(self, caller: Principal, account_id: str) -> str:

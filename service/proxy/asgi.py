@@ -29,6 +29,8 @@ from service.proxy.service import Incoming, ProxyService
 
 log = logging.getLogger("service.api")
 
+METHODS = frozenset({"GET", "POST", "PATCH", "PUT", "DELETE"})  # the others: FastAPI's 405
+
 Render = Callable[[BrokerError, str], Response]
 
 
@@ -63,7 +65,7 @@ class ProxyBypass:
             return
         principal: Principal | None = scope.get("state", {}).get("principal")
         service = self.service() if self.service is not None else None
-        if principal is None or service is None or self.render is None:
+        if principal is None or service is None or self.render is None or scope["method"] not in METHODS:
             await self.direct(scope, receive, send)
             return
         response = await self._answer(service, principal, Request(scope, receive), self.render)

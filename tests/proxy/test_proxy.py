@@ -397,6 +397,15 @@ async def test_the_documented_route_answers_as_the_edge_in_front_of_fastapi(
             assert by_route.headers.get("content-type") == by_edge.headers.get("content-type")
 
 
+async def test_other_methods_are_405_and_nothing_is_sent(app: Running, azure: respx.MockRouter) -> None:
+    """HEAD, OPTIONS and TRACE are not proxied: 405 from the routes, no upstream call."""
+    account = await new_account(app)
+    for method in ("HEAD", "OPTIONS", "TRACE"):
+        r = await app.client.request(method, f"/accounts/{account}/api/WhoAmI", headers=client())
+        assert r.status_code == 405, method
+    assert not azure.calls
+
+
 async def test_compressed_bodies_come_back_raw_small_or_streamed(
     app: Running, azure: respx.MockRouter
 ) -> None:

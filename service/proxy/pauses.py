@@ -30,6 +30,7 @@ log = logging.getLogger("service.proxy")
 
 IN_USE_SECONDS = 10.0
 WRITE_TIMEOUT_SECONDS = 2.0
+READ_TIMEOUT_SECONDS = 1.0
 
 
 class PauseBook:
@@ -123,8 +124,9 @@ class PauseSync:
         if self._polling is None or self._polling.done():
             self._polling = asyncio.get_running_loop().create_task(self._read())
         try:
-            await asyncio.shield(self._polling)
-        except (SQLAlchemyError, OSError) as exc:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):  # a slow database must not hold callers
+                await asyncio.shield(self._polling)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
             log.warning("proxy pauses not read", extra={"error_type": type(exc).__name__})
 
     async def run(self) -> None:

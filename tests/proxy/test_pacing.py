@@ -213,3 +213,41 @@ async def test_callers_beyond_capacity_get_429_after_the_bound() -> None:
         slot.release()
         slot.release()  # idempotent
     assert p.in_flight("a") == 0
+
+
+# -- the pause sync ---------------------------------------------------------------------------------
+
+
+class _SlowSessions:
+    """A session factory whose queries never answer (a database that hangs)."""
+
+    def __init__(self, started: asyncio.Event) -> None:
+        self.started = started
+
+    def __call__(self) -> _SlowSessions:
+        return self
+
+    async def __aenter__(self) -> _SlowSessions:
+        self.started.set()
+        await asyncio.Event().wait()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_an_idle_replica_reads_pauses_first_but_a_hung_database_does_not_hold_callers() -> None:
+    """fresh() on a replica that has not polled waits at most READ_TIMEOUT_SECONDS for the database."""
+    from service.proxy import pauses
+
+    started = asyncio.Event()
+    sync = pauses.PauseSync(PauseBook(FakeClock()), _SlowSessions(started), interval=1.0)  # type: ignore[arg-type]
+    original = pauses.READ_TIMEOUT_SECONDS
+    pauses.READ_TIMEOUT_SECONDS = 0.05
+    try:
+        await asyncio.wait_for(sync.fresh(), 2)
+    finally:
+        pauses.READ_TIMEOUT_SECONDS = original
+    assert started.is_set()  # it did try the database
+    assert sync._polling is not None
+    sync._polling.cancel()

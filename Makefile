@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test install lint typecheck pytest openapi bench bench-quick reliability clean
+.PHONY: run test install lint typecheck pytest openapi bench bench-quick bench-proxy bench-refresh reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench-quick: install
 
 bench-refresh: install
 	$(BIN)/python -m bench.refresh $(ARGS)
+
+# Proxied GET against calling the fake Dataverse directly, in one run (needs wrk).
+bench-proxy: install
+	$(BIN)/python -m bench.proxy
 
 # The fault, throttling, crash, database-restart, rotation and load scenarios at full length
 # (MariaDB on 127.0.0.1:3306); `make test` runs the same scenarios in their short form.

@@ -35,6 +35,9 @@ from service.keys.store import TAG_LABEL, KeyStore
 from service.kit.db import create_engine, create_sessionmaker
 from service.kit.outbound import OutboundPolicy
 from service.metrics import Metrics
+from service.proxy import endpoints as proxy
+from service.proxy.asgi import ProxyBypass
+from service.proxy.service import ProxyService
 from service.settings import Settings
 from service.tokens import endpoints as tokens
 from service.tokens.broker import TokenBroker
@@ -80,7 +83,11 @@ async def build_context(settings: Settings) -> Context:
     broker = TokenBroker(
         sessions=sessions, azure=azure, keyring=keyring, secrets=secrets, settings=settings, metrics=metrics
     )
+    proxied = ProxyService(
+        broker=broker, policy=policy, sessions=sessions, settings=settings, metrics=metrics
+    )
     return Context(
+        proxy=proxied,
         settings=settings,
         engine=engine,
         sessions=sessions,
@@ -115,6 +122,8 @@ async def close_context(ctx: Context, tasks: list[asyncio.Task[None]]) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     closing = [ctx.background.flush_key_usage(), ctx.broker.close()]
+    if ctx.proxy is not None:
+        closing.append(ctx.proxy.close())
     if ctx.notifier is not None:
         closing.append(ctx.notifier.aclose())
     await asyncio.gather(*closing, return_exceptions=True)
@@ -135,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await ctx.broker.preload()
         app.state.ctx = ctx
         tasks = ctx.background.start()
+        if ctx.proxy is not None:
+            tasks.append(ctx.proxy.start())
         if webhook_url:
             ctx.notifier = await webhooks.start(
                 webhook_url, sessions=ctx.sessions, http=ctx.http, settings=settings, metrics=ctx.metrics
@@ -158,19 +169,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ctx = None
     problems.install(app)
     problems.install_openapi(app)
-    for router in (accounts.router, tokens.router, keys.router, keys.sa_router, oauth.router, health.router):
+    routers = (accounts.router, tokens.router, keys.router, keys.sa_router, oauth.router, health.router)
+    for router in (*routers, proxy.router):
         app.include_router(router)
     return app
 
 
 def wrap(app: FastAPI, settings: Settings) -> TokenFastPath:
-    """The layers in front of FastAPI: token fast path, access log, key check, body limit."""
+    """The layers in front of FastAPI: token fast path, access log, key check, body limit (except
+    on proxy paths: see service/proxy/asgi.py)."""
 
     def context() -> Context | None:
         ctx: Context | None = app.state.ctx
         return ctx
 
-    inner = AccessLog(RequireKey(BodyLimit(app, settings.max_body_bytes), context))
+    def proxy_service() -> ProxyService | None:
+        ctx = context()
+        return ctx.proxy if ctx is not None else None
+
+    # Proxy paths: answered below FastAPI, under their own body limit (service/proxy/asgi.py).
+    limited = ProxyBypass(
+        BodyLimit(app, settings.max_body_bytes), app, proxy_service, problems.problem_response
+    )
+    inner = AccessLog(RequireKey(limited, context))
     return TokenFastPath(inner, context)
 
 

@@ -22,6 +22,7 @@ from service.keys.store import KeyStore
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy
 from service.metrics import Metrics
+from service.proxy.service import ProxyService
 from service.settings import Settings
 from service.tokens.broker import TokenBroker
 from service.webhooks.service import Notifier
@@ -46,4 +47,5 @@ class Context:
     service_accounts: ServiceAccountService
     verifier: ServiceAccountVerifier | None = None  # None: service-account callers are off
     notifier: Notifier | None = None
+    proxy: ProxyService | None = None
     draining: bool = False  # set when shutdown begins: readiness fails so traffic moves away

@@ -10,6 +10,9 @@
     ├── InvalidState                 400 invalid_state     (OAuth state unknown, expired or used)
     ├── AuthorizationDenied          400 authorization_denied (the IdP redirected with an error)
     ├── PayloadTooLarge              413 payload_too_large
+    ├── InvalidProxyPath             400 invalid_path      (a proxied path that leaves the API URL)
+    ├── Throttled                    429 throttled with Retry-After (the account's proxy budget)
+    ├── BadGateway                   502 upstream_error    (the Dynamics Web API could not be reached)
     ├── ActionRequired               409: a person must act before tokens flow again
     │   ├── NeedsAuthorization       409 needs_authorization (no refresh token, or invalid_grant)
     │   └── InvalidCredentials       409 invalid_credentials (invalid_client: fix the secret)
@@ -25,6 +28,7 @@ never carry a secret: they are built from codes and Azure's sanitised descriptio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -138,6 +142,35 @@ class PayloadTooLarge(BrokerError):
     status = 413
     code = "payload_too_large"
     title = "Request body too large"
+
+
+class InvalidProxyPath(BrokerError):
+    status = 400
+    code = "invalid_path"
+    title = "The path leaves the account's API URL"
+
+
+class Throttled(BrokerError):
+    """The account's callers share one budget: wait ``retry_after`` seconds (a whole number)."""
+
+    status = 429
+    code = "throttled"
+    title = "Too many requests for this account; try again later"
+
+    def __init__(self, detail: str, *, retry_after: float, reason: str) -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(detail, headers={"Retry-After": str(seconds)})
+        self.retry_after = seconds
+        self.reason = reason
+
+    def extra(self) -> dict[str, Any]:
+        return {"reason": self.reason, "retry_after": self.retry_after}
+
+
+class BadGateway(BrokerError):
+    status = 502
+    code = "upstream_error"
+    title = "The Dynamics Web API could not be reached"
 
 
 class ActionRequired(BrokerError):

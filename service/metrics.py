@@ -24,6 +24,15 @@ TOKEN_OUTCOMES = (
     "storage_unavailable",
 )
 
+PROXY_OUTCOMES = (
+    "ok",
+    "upstream_4xx",
+    "upstream_5xx",
+    "throttled_upstream",
+    "throttled_local",
+    "refreshed_retry",
+)
+
 
 class TokenOutcomes(Collector):
     """``broker_token_requests_total{outcome}`` kept in a plain dict.
@@ -92,6 +101,34 @@ class Metrics:
         )
         self.webhook_deliveries = Counter(
             "broker_webhook_deliveries", "Webhook deliveries by outcome", ["outcome"], registry=r
+        )
+
+        # The proxy (service/proxy/): one outcome per proxied request, by the answer it got.
+        self.proxy_requests = Counter(
+            "broker_proxy_requests",
+            "Proxied requests by outcome (ok, upstream_4xx, upstream_5xx, throttled_upstream, "
+            "throttled_local, refreshed_retry: a 2xx/3xx after one refresh and resend)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in PROXY_OUTCOMES:
+            self.proxy_requests.labels(outcome)
+        self.proxy_latency = Histogram(
+            "broker_proxy_upstream_seconds",
+            "Time from sending a proxied request to the upstream's response headers",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 120),
+            registry=r,
+        )
+        self.proxy_queue_wait = Histogram(
+            "broker_proxy_queue_wait_seconds",
+            "Time a proxied request waited for its account's place (queue and upstream pause)",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10),
+            registry=r,
+        )
+        self.proxy_paused = Gauge(
+            "broker_proxy_paused_accounts",
+            "Accounts the proxy is holding back on upstream's request",
+            registry=r,
         )
 
     def render(self) -> bytes:

@@ -240,3 +240,16 @@ class ServiceAccountScope(Base):
     account_id: Mapped[str] = mapped_column(
         String(255), ForeignKey("ms_dynamics_365_data.ID", ondelete="CASCADE"), primary_key=True
     )
+
+
+class ProxyPause(Base):
+    """An account the proxy sends nothing for until ``until``: upstream answered 429 or 503 with
+    Retry-After. Every replica reads these, so one replica's throttling pauses them all."""
+
+    __tablename__ = "broker_proxy_pause"
+    __table_args__ = (Index("ix_broker_proxy_pause_until", "until"), MYSQL_TABLE)
+
+    account_id: Mapped[str] = mapped_column(
+        String(255), ForeignKey("ms_dynamics_365_data.ID", ondelete="CASCADE"), primary_key=True
+    )
+    until: Mapped[datetime] = mapped_column(TIMESTAMP, nullable=False)

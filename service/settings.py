@@ -111,6 +111,16 @@ class Settings(BaseSettings):
     k8s_token_review: bool = False
     k8s_api_url: str = "https://kubernetes.default.svc"  # where TokenReview is asked
 
+    # The proxy to the Dynamics Web API (service/proxy/): body limit, per-account pacing per
+    # replica (16 x 3 replicas stays under Dataverse's 52 concurrent requests), how long a caller
+    # may wait for a place, how long upstream may take, and how often pauses set by other
+    # replicas are read.
+    proxy_max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1_024)
+    proxy_max_concurrent: int = Field(default=16, ge=1, le=1_000)
+    proxy_max_wait_seconds: float = Field(default=10.0, ge=0, le=600)
+    proxy_timeout_seconds: float = Field(default=120.0, gt=0, le=600)
+    proxy_pause_poll_seconds: float = Field(default=1.0, gt=0, le=5)
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         # The lock wait must outlast an IdP call, or a replica waiting on another's refresh

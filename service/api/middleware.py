@@ -18,6 +18,7 @@ from service.api.problems import PROBLEM, problem_body
 from service.context import Context
 from service.errors import BrokerError, Forbidden, Unauthorized
 from service.keys.store import Principal
+from service.proxy.paths import is_proxy_path
 
 access_log = logging.getLogger("service.access")
 
@@ -45,9 +46,11 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            extra = {"account_id": account} if (account := scope["state"].get("account_id")) else {}
             access_log.info(
                 "request",
                 extra={
+                    **extra,
                     "request_id": request_id,
                     "method": scope["method"],
                     "path": scope["path"],
@@ -137,6 +140,8 @@ def _is_public(path: str) -> bool:
 
 
 def _may_client(method: str, path: str) -> bool:
+    if is_proxy_path(path):
+        return True  # the proxy (service/proxy/), for client keys as for admin keys
     return method in ("GET", "HEAD") and path.startswith("/accounts/") and path.endswith("/token")
 
 

@@ -1,9 +1,11 @@
 """Connecting an account: the authorization-code flow (PKCE), the pasted code, and the WhoAmI test.
 
 Invariants:
-- ``state`` is 32 random bytes, bound to one account, valid ten minutes and single-use: only its
-  SHA-256 is stored, and ``repository.take_pending`` deletes the row in the transaction that
-  reads it, so a replayed, forged or expired state is ``InvalidState`` on every replica;
+- ``state`` is self-checking (``state.py``: random id, expiry, HMAC with a keyring-derived key),
+  so a malformed, forged or expired state is ``InvalidState`` before any query; it is bound to
+  one account, valid ten minutes and single-use: only its SHA-256 is stored, and
+  ``repository.take_pending`` deletes the row in the transaction that reads it, so a replayed
+  state is ``InvalidState`` on every replica;
 - the PKCE verifier (S256) is stored sealed, its encryption context bound to the state's hash;
 - the authorize URL never carries the client secret; the code and the state are never logged,
   stored or echoed (messages are built from codes and Azure's sanitised descriptions);
@@ -33,6 +35,7 @@ from service.accounts.schemas import AccountOut
 from service.accounts.service import AccountService
 from service.authorization import repository as repo
 from service.authorization.schemas import AuthorizeOut, ConnectionTestOut
+from service.authorization.state import PURPOSE, StateSigner
 from service.errors import (
     AccountNotFound,
     ActionRequired,
@@ -202,6 +205,7 @@ class AuthorizationService:
         self._accounts = accounts
         self._http = http
         self._policy = policy
+        self._signer = StateSigner(keyring.derive(PURPOSE))
 
     @classmethod
     def from_context(cls, ctx: Context) -> AuthorizationService:
@@ -227,7 +231,8 @@ class AuthorizationService:
         """A sign-in URL with a fresh state and PKCE challenge; the pending row remembers both."""
         redirect = self._redirect_uri(redirect_uri)
         account, _ = await self._load(account_id)
-        state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)
+        state = self._signer.issue(int(PENDING_TTL.total_seconds()))
+        verifier = secrets.token_urlsafe(64)
         url = self._azure.authorization_url(
             self._secrets.credentials(account, with_secret=False),
             redirect_uri=redirect,
@@ -262,8 +267,11 @@ class AuthorizationService:
         With ``account_id``, only that account's: another account's state is left pending."""
         if not state:
             raise InvalidState(f"The redirect carries no state; to start again, {START_AGAIN}.")
-        async with self._sessions() as session, session.begin():
-            pending = await repo.take_pending(session, state_hash(state), account_id=account_id)
+        pending: PendingAuthorization | None = None
+        # Checked in memory first: a state the broker did not issue, or an expired one, costs no query.
+        if self._signer.check(state):
+            async with self._sessions() as session, session.begin():
+                pending = await repo.take_pending(session, state_hash(state), account_id=account_id)
         # Consumed even when expired: an expired state must not linger, and is invalid all the same.
         if pending is None or pending.expires_at <= timeutil.utcnow():
             whose = " for this account" if account_id else ""

@@ -25,7 +25,9 @@ import re
 from collections.abc import Iterable, Sequence
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from service.errors import ConfigurationError
 
@@ -93,6 +95,7 @@ class Keyring:
         if not raw_keys:
             raise KeyringError("BROKER_ENCRYPTION_KEYS is empty: at least one key is required")
         seen: set[bytes] = set()
+        self._raw: list[bytes] = []
         self._by_id: dict[str, list[AESGCM]] = {}
         for position, raw in enumerate(raw_keys, start=1):
             if len(raw) != KEY_BYTES:
@@ -103,6 +106,7 @@ class Keyring:
             if raw in seen:  # a repeated key would only cost a second failed attempt
                 continue
             seen.add(raw)
+            self._raw.append(raw)
             # A list per id: two keys sharing an id is a 2**-32 accident, but if it happens
             # both must still be tried rather than one shadowing the other.
             self._by_id.setdefault(key_id(raw), []).append(AESGCM(raw))
@@ -129,6 +133,16 @@ class Keyring:
 
     def __repr__(self) -> str:
         return f"Keyring(primary_key_id={self.primary_key_id!r}, key_ids={self.key_ids!r})"
+
+    def derive(self, purpose: str) -> tuple[bytes, ...]:
+        """32-byte subkeys for ``purpose`` (HKDF-SHA256), one per ring key, the primary's first.
+
+        For MACs that must verify on every replica during a rotation: sign with the first, accept
+        any. A subkey reveals nothing about the encryption key it came from."""
+        return tuple(
+            HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(raw)
+            for raw in self._raw
+        )
 
     def encrypt(self, plaintext: str, *, context: str) -> str:
         """Encrypt with the primary key, bound to ``context``."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
@@ -250,15 +251,22 @@ class AuthorizationService:
             expires_at=now + PENDING_TTL,
         )
         expires_at = pending.expires_at.replace(tzinfo=UTC)
-        async with self._sessions() as session, session.begin():
-            await repo.add_pending(session, pending)
-            await accounts_repo.add_event(
-                session,
-                account_id=account_id,
-                kind="authorization_started",
-                actor=actor,
-                detail={"redirect_uri": redirect, "expires_at": expires_at.isoformat()},
-            )
+        try:
+            async with self._sessions() as session, session.begin():
+                await repo.add_pending(session, pending)
+                await accounts_repo.add_event(
+                    session,
+                    account_id=account_id,
+                    kind="authorization_started",
+                    actor=actor,
+                    detail={"redirect_uri": redirect, "expires_at": expires_at.isoformat()},
+                )
+        except IntegrityError:
+            # The account was deleted after it was read: answer as if the DELETE had come first.
+            async with self._sessions() as session:
+                if await accounts_repo.get_account(session, account_id) is None:
+                    raise AccountNotFound(account_id) from None
+            raise
         return AuthorizeOut(authorization_url=url, state=state, expires_at=expires_at)
 
     async def claim(self, state: str | None, *, account_id: str | None = None) -> Claim:

@@ -744,10 +744,17 @@ async def test_urls_to_private_addresses_or_other_hosts_are_422_naming_the_field
     assert not azure.calls
 
 
-async def test_a_port_on_an_allowed_host_is_accepted_as_the_contract_says(running: Running) -> None:
-    """DESIGN.md: an allowed-host pattern matches the host name only, the port is ignored."""
+async def test_a_port_needs_an_allow_list_entry_naming_it(
+    running: Running, tmp_path: Path, run_app: Callable[..., Any]
+) -> None:
+    """A pattern without a port allows 443 only (issue 12); ``host:8443`` in the list allows 8443."""
     url = "https://login.microsoftonline.com:8443/tenant/oauth2/token"
     r = await running.client.post("/accounts", json=account_body(token_url=url), headers=admin())
+    assert (r.status_code, r.json()["errors"][0]["loc"]) == (422, ["body", "token_url"]), r.text
+    allowed = "login.microsoftonline.com,login.microsoftonline.com:8443,*.crm.dynamics.com"
+    settings = make_settings(running.settings.database_url, tmp_path / "ported", allowed_hosts=allowed)
+    async with run_app(settings) as ported:
+        r = await ported.client.post("/accounts", json=account_body(token_url=url), headers=admin())
     assert r.status_code == 201, r.text
     assert r.json()["token_url"] == url
 

@@ -263,6 +263,9 @@ class AzureADClient:
 
     def _target(self, creds: ClientCredentials, url: str, *, offline: bool) -> dict[str, str]:
         """v1 names the resource; v2 asks for the resource's ``.default`` scope."""
+        # Checked like token_url, before every grant: an api_url written straight into the seed
+        # table must not get a token for another resource (e.g. Microsoft Graph) minted and served.
+        self._allowed(creds.api_url, "api_url")
         try:
             origin = resource_of(creds.api_url)
         except ValueError as exc:

@@ -779,6 +779,25 @@ async def test_a_url_made_unsafe_in_the_database_is_not_called(
     assert not azure.calls
 
 
+@pytest.mark.parametrize(
+    "api_url", ["https://graph.microsoft.com/v1.0", "https://contoso.crm.dynamics.com:8443/api/data/v9.2"]
+)
+async def test_an_api_url_written_into_the_seed_row_is_checked_when_a_token_is_minted(
+    api_url: str, running: Running, azure: respx.MockRouter
+) -> None:
+    """API_URL outside BROKER_ALLOWED_HOSTS, written behind the API's back: 409, no token asked for."""
+    account = await new_account(running)
+    async with running.ctx.sessions() as session, session.begin():
+        row = await session.get(Account, account["id"])
+        assert row is not None
+        row.api_url = api_url
+        row.version = (row.version or 0) + 1
+    r = await running.client.get(f"/accounts/{account['id']}/token", headers=admin())
+    problem = assert_problem(r, 409, "invalid_credentials")
+    assert "api_url" in problem["detail"]
+    assert not azure.calls
+
+
 @pytest.mark.parametrize("host", ["xn--.crm.dynamics.com", "a\u200db.crm.dynamics.com"])
 async def test_a_host_httpx_cannot_send_to_in_the_database_is_a_problem_not_a_500(
     host: str, running: Running, azure: respx.MockRouter

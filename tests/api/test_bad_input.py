@@ -825,7 +825,10 @@ async def test_a_host_httpx_cannot_send_to_in_the_database_is_a_problem_not_a_50
     azure.post(TOKEN_URL_V1).respond(200, json=v1_token())
     r = await running.client.post(f"/accounts/{other['id']}/test", headers=admin())
     assert r.status_code == 200, r.text
-    assert (r.json()["ok"], r.json()["reason"]) == (False, "forbidden_url")
+    # Refused when the token would be minted (issue 12: api_url is checked like token_url).
+    assert (r.json()["ok"], r.json()["reason"]) == (False, "invalid_credentials")
+    assert "api_url" in r.json()["message"]
+    assert not azure.calls
 
 
 # -- 9. redirects from the IdP are never followed --------------------------------------------------

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65_535)
     public_url: str | None = None
+    # Exact redirect URIs POST /authorize may name besides the hosted callback and loopback.
+    allowed_redirect_uris: str = ""
 
     # Beyond the contract.
     var_dir: Path = Path("./var")
@@ -114,6 +116,10 @@ class Settings(BaseSettings):
     @property
     def allowed_host_list(self) -> list[str]:
         return [h.lower() for h in split_list(self.allowed_hosts)]
+
+    @property
+    def allowed_redirect_uri_list(self) -> list[str]:
+        return split_list(self.allowed_redirect_uris)
 
     @property
     def effective_public_url(self) -> str:

@@ -110,6 +110,16 @@ def redirect_uri_problem(value: str) -> str | None:
     return None
 
 
+def is_loopback_redirect(value: str) -> bool:
+    """``http://localhost[:port][/path]`` or the same on 127.0.0.1: the seed's manual flow."""
+    parts = urlsplit(value)
+    return (
+        parts.scheme == "http"
+        and parts.netloc.lower().split(":")[0] in ("localhost", "127.0.0.1")
+        and (parts.netloc.count(":") == 0 or parts.netloc.rsplit(":", 1)[1].isdigit())
+    )
+
+
 @dataclass(frozen=True)
 class Redirect:
     """What an authorization server's redirect carried (the hosted callback, or a pasted URL)."""
@@ -396,6 +406,15 @@ class AuthorizationService:
         problem = redirect_uri_problem(value)
         if problem:
             raise _invalid("redirect_uri", problem)
+        # Where Azure sends the code: the broker itself, the admin's own machine, or what the
+        # operator listed; never an arbitrary site an API caller names.
+        allowed = {self.default_redirect_uri, *self._settings.allowed_redirect_uri_list}
+        if value not in allowed and not is_loopback_redirect(value):
+            raise _invalid(
+                "redirect_uri",
+                f"must be the broker's callback ({self.default_redirect_uri}), http://localhost[:port] "
+                "or http://127.0.0.1[:port], or one of BROKER_ALLOWED_REDIRECT_URIS",
+            )
         return value
 
     async def _load(self, account_id: str) -> tuple[Account, AccountState]:

@@ -229,7 +229,7 @@ def broker_env(tmp: Path, database: str, encryption_key: str) -> dict[str, str]:
             "BROKER_ADMIN_KEYS": ADMIN_KEY,
             "BROKER_CLIENT_KEYS": CLIENT_KEY,
             "BROKER_ALLOW_HTTP": "true",
-            "BROKER_ALLOWED_HOSTS": "127.0.0.1",
+            "BROKER_ALLOWED_HOSTS": "127.0.0.1:*,*.crm.dynamics.com",
             "BROKER_VAR_DIR": str(tmp / "var"),
             "BROKER_LOG_LEVEL": "WARNING",
         }

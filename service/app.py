@@ -165,6 +165,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         static_url="/docs/static",
         redoc_url=None,
         swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        # No trailing-slash redirect: Starlette builds its Location from the Host header, which the
+        # client controls. ``/accounts/{id}/`` is a 404 like any other unknown path.
+        redirect_slashes=False,
     )
     app.state.ctx = None
     problems.install(app)

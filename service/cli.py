@@ -77,6 +77,7 @@ async def _preflight(settings: Settings) -> Settings:
 
 def serve(args: argparse.Namespace) -> int:
     from service.app import create_asgi
+    from service.serving import MAX_HEADER_BYTES, GuardedHttpToolsProtocol
 
     settings = _settings(args)
     logconfig.configure(settings.log_level)
@@ -93,7 +94,14 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds),
         # Longer than clients' and load balancers' idle timeouts (httpx: 5 s), so the server never
         # closes a connection a client is about to reuse.
-        timeout_keep_alive=75,
+        timeout_keep_alive=int(settings.keep_alive_seconds),
+        # Slow or endless request heads and bodies are cut off (serving.py); beyond
+        # BROKER_MAX_CONNECTIONS connections (or requests in progress) uvicorn answers 503.
+        http=GuardedHttpToolsProtocol.configured(
+            header_timeout=settings.header_timeout_seconds, body_timeout=settings.body_timeout_seconds
+        ),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        limit_concurrency=settings.max_connections,
     )
     server = _Server(config)
     server.run()  # uvicorn's loop factory: uvloop when installed

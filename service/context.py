@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service.accounts.credentials import AccountSecrets
 from service.accounts.service import AccountService
 from service.background import Background
+from service.health.readiness import Readiness
 from service.idp.azure_ad import AzureADClient
 from service.keys.k8s import ServiceAccountVerifier
 from service.keys.service import KeyService
@@ -48,4 +49,5 @@ class Context:
     verifier: ServiceAccountVerifier | None = None  # None: service-account callers are off
     notifier: Notifier | None = None
     proxy: ProxyService | None = None
+    readiness: Readiness | None = None  # built by the first probe: /readyz answers from it
     draining: bool = False  # set when shutdown begins: readiness fails so traffic moves away

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65_535)
     public_url: str | None = None
+    # Exact redirect URIs POST /authorize may name besides the hosted callback and loopback.
+    allowed_redirect_uris: str = ""
 
     # Beyond the contract.
     var_dir: Path = Path("./var")
@@ -75,6 +77,12 @@ class Settings(BaseSettings):
     keepalive_interval_seconds: int = Field(default=86_400, ge=60)
     sync_interval_seconds: float = Field(default=5.0, gt=0, le=5.0)
     max_body_bytes: int = Field(default=65_536, ge=1_024)
+    # What one client may make `serve` hold (service/serving.py): the request head within this
+    # many seconds of connecting (or of its first byte), the body within this many after it.
+    header_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    body_timeout_seconds: float = Field(default=30.0, gt=0, le=3_600)
+    keep_alive_seconds: float = Field(default=75.0, ge=1, le=3_600)
+    max_connections: int = Field(default=4_096, ge=1)
     shutdown_timeout_seconds: float = Field(default=10.0, gt=0, le=14)
     log_level: str = "INFO"
     access_log_sample_rate: float = Field(default=0.0, ge=0, le=1)
@@ -141,6 +149,10 @@ class Settings(BaseSettings):
     @property
     def allowed_host_list(self) -> list[str]:
         return [h.lower() for h in split_list(self.allowed_hosts)]
+
+    @property
+    def allowed_redirect_uri_list(self) -> list[str]:
+        return split_list(self.allowed_redirect_uris)
 
     @property
     def effective_public_url(self) -> str:

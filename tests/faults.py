@@ -281,7 +281,7 @@ def fault_env(database_url: str, tmp_path: Path, **overrides: str) -> tuple[dict
         "BROKER_ADMIN_KEYS": keys["admin"],
         "BROKER_CLIENT_KEYS": keys["client"],
         "BROKER_ALLOW_HTTP": "true",
-        "BROKER_ALLOWED_HOSTS": "127.0.0.1",
+        "BROKER_ALLOWED_HOSTS": "127.0.0.1:*",
         "BROKER_VAR_DIR": str(tmp_path / "var"),
         "BROKER_LOG_LEVEL": "WARNING",
         "BROKER_IDP_TIMEOUT_SECONDS": str(IDP_TIMEOUT),

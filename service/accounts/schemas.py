@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, StringConstraints, field_validator
 
 from service.kit.schemas import Strict, Text255, Timestamp, Url255, ascii_secret, no_control_chars
 
@@ -57,7 +57,8 @@ def _expires_field() -> Any:
 
 class AccountCreate(Strict):
     name: Text255
-    default_account: bool = False
+    # Strict: "yes", 1 or "true" are 422, not silently true (issue 12).
+    default_account: StrictBool = False
     tenant_id: Text255
     client_id: Text255
     client_secret: Secret128 | None = None
@@ -78,7 +79,7 @@ class AccountPatch(Strict):
     """Only the fields sent change. ``client_secret`` and ``refresh_token`` may be null to clear."""
 
     name: Text255 | None = None
-    default_account: bool | None = None
+    default_account: StrictBool | None = None
     tenant_id: Text255 | None = None
     client_id: Text255 | None = None
     client_secret: Secret128 | None = None

@@ -1,9 +1,11 @@
 """Connecting an account: the authorization-code flow (PKCE), the pasted code, and the WhoAmI test.
 
 Invariants:
-- ``state`` is 32 random bytes, bound to one account, valid ten minutes and single-use: only its
-  SHA-256 is stored, and ``repository.take_pending`` deletes the row in the transaction that
-  reads it, so a replayed, forged or expired state is ``InvalidState`` on every replica;
+- ``state`` is self-checking (``state.py``: random id, expiry, HMAC with a keyring-derived key),
+  so a malformed, forged or expired state is ``InvalidState`` before any query; it is bound to
+  one account, valid ten minutes and single-use: only its SHA-256 is stored, and
+  ``repository.take_pending`` deletes the row in the transaction that reads it, so a replayed
+  state is ``InvalidState`` on every replica;
 - the PKCE verifier (S256) is stored sealed, its encryption context bound to the state's hash;
 - the authorize URL never carries the client secret; the code and the state are never logged,
   stored or echoed (messages are built from codes and Azure's sanitised descriptions);
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.accounts import repository as accounts_repo
@@ -33,6 +36,7 @@ from service.accounts.schemas import AccountOut
 from service.accounts.service import AccountService
 from service.authorization import repository as repo
 from service.authorization.schemas import AuthorizeOut, ConnectionTestOut
+from service.authorization.state import PURPOSE, StateSigner
 from service.errors import (
     AccountNotFound,
     ActionRequired,
@@ -104,6 +108,16 @@ def redirect_uri_problem(value: str) -> str | None:
     if parts.username is not None or parts.password is not None:
         return "must not contain a user name or password"
     return None
+
+
+def is_loopback_redirect(value: str) -> bool:
+    """``http://localhost[:port][/path]`` or the same on 127.0.0.1: the seed's manual flow."""
+    parts = urlsplit(value)
+    return (
+        parts.scheme == "http"
+        and parts.netloc.lower().split(":")[0] in ("localhost", "127.0.0.1")
+        and (parts.netloc.count(":") == 0 or parts.netloc.rsplit(":", 1)[1].isdigit())
+    )
 
 
 @dataclass(frozen=True)
@@ -202,6 +216,7 @@ class AuthorizationService:
         self._accounts = accounts
         self._http = http
         self._policy = policy
+        self._signer = StateSigner(keyring.derive(PURPOSE))
 
     @classmethod
     def from_context(cls, ctx: Context) -> AuthorizationService:
@@ -227,7 +242,8 @@ class AuthorizationService:
         """A sign-in URL with a fresh state and PKCE challenge; the pending row remembers both."""
         redirect = self._redirect_uri(redirect_uri)
         account, _ = await self._load(account_id)
-        state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(64)
+        state = self._signer.issue(int(PENDING_TTL.total_seconds()))
+        verifier = secrets.token_urlsafe(64)
         url = self._azure.authorization_url(
             self._secrets.credentials(account, with_secret=False),
             redirect_uri=redirect,
@@ -245,15 +261,22 @@ class AuthorizationService:
             expires_at=now + PENDING_TTL,
         )
         expires_at = pending.expires_at.replace(tzinfo=UTC)
-        async with self._sessions() as session, session.begin():
-            await repo.add_pending(session, pending)
-            await accounts_repo.add_event(
-                session,
-                account_id=account_id,
-                kind="authorization_started",
-                actor=actor,
-                detail={"redirect_uri": redirect, "expires_at": expires_at.isoformat()},
-            )
+        try:
+            async with self._sessions() as session, session.begin():
+                await repo.add_pending(session, pending)
+                await accounts_repo.add_event(
+                    session,
+                    account_id=account_id,
+                    kind="authorization_started",
+                    actor=actor,
+                    detail={"redirect_uri": redirect, "expires_at": expires_at.isoformat()},
+                )
+        except IntegrityError:
+            # The account was deleted after it was read: answer as if the DELETE had come first.
+            async with self._sessions() as session:
+                if await accounts_repo.get_account(session, account_id) is None:
+                    raise AccountNotFound(account_id) from None
+            raise
         return AuthorizeOut(authorization_url=url, state=state, expires_at=expires_at)
 
     async def claim(self, state: str | None, *, account_id: str | None = None) -> Claim:
@@ -262,8 +285,11 @@ class AuthorizationService:
         With ``account_id``, only that account's: another account's state is left pending."""
         if not state:
             raise InvalidState(f"The redirect carries no state; to start again, {START_AGAIN}.")
-        async with self._sessions() as session, session.begin():
-            pending = await repo.take_pending(session, state_hash(state), account_id=account_id)
+        pending: PendingAuthorization | None = None
+        # Checked in memory first: a state the broker did not issue, or an expired one, costs no query.
+        if self._signer.check(state):
+            async with self._sessions() as session, session.begin():
+                pending = await repo.take_pending(session, state_hash(state), account_id=account_id)
         # Consumed even when expired: an expired state must not linger, and is invalid all the same.
         if pending is None or pending.expires_at <= timeutil.utcnow():
             whose = " for this account" if account_id else ""
@@ -380,6 +406,15 @@ class AuthorizationService:
         problem = redirect_uri_problem(value)
         if problem:
             raise _invalid("redirect_uri", problem)
+        # Where Azure sends the code: the broker itself, the admin's own machine, or what the
+        # operator listed; never an arbitrary site an API caller names.
+        allowed = {self.default_redirect_uri, *self._settings.allowed_redirect_uri_list}
+        if value not in allowed and not is_loopback_redirect(value):
+            raise _invalid(
+                "redirect_uri",
+                f"must be the broker's callback ({self.default_redirect_uri}), http://localhost[:port] "
+                "or http://127.0.0.1[:port], or one of BROKER_ALLOWED_REDIRECT_URIS",
+            )
         return value
 
     async def _load(self, account_id: str) -> tuple[Account, AccountState]:

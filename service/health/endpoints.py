@@ -1,4 +1,8 @@
-"""Liveness, readiness and metrics. No API key; readiness never depends on Azure AD."""
+"""Liveness, readiness and metrics. No API key; readiness never depends on Azure AD.
+
+Readiness answers from a result at most a second old (``readiness.py``), so probes, however
+many and however unauthenticated, ping the database at most once a second per process.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.api.deps import Ctx
+from service.context import Context
+from service.health.readiness import Readiness, Verdict
 from service.kit.jsonutil import dumps
 from service.migrate import current_revision, head_revision
 
@@ -28,16 +34,23 @@ async def readyz(ctx: Ctx) -> Response:
     # of rotation while cached tokens can still be served.
     if ctx.draining:
         return _answer(503, "draining", "The process is shutting down.")
+    if ctx.readiness is None:
+        ctx.readiness = Readiness(lambda: _check(ctx))
+    found = await ctx.readiness.verdict()
+    return _answer(found.status, found.reason, found.detail)
+
+
+async def _check(ctx: Context) -> Verdict:
     try:
         revision = await current_revision(ctx.engine)
     except (SQLAlchemyError, OSError):
-        return _answer(503, "database_unreachable", "The database cannot be reached.")
+        return Verdict(503, "database_unreachable", "The database cannot be reached.")
     head = head_revision()
     if revision != head:
-        return _answer(
+        return Verdict(
             503, "schema_behind", f"Schema is at {revision}, expected {head}: run token-broker migrate."
         )
-    return _answer(200, "ready", None)
+    return Verdict(200, "ready")
 
 
 def _answer(status: int, reason: str, detail: str | None) -> Response:

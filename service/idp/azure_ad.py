@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Literal, NamedTuple, Protocol
-from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit
 
 import httpx
 
@@ -81,6 +81,8 @@ _TOKENISH = re.compile(r"[A-Za-z0-9._~+/=-]{64,}")  # a token-like run: redacted
 _MAX_MESSAGE = 300
 _MAX_RETRY_AFTER = 300.0
 _REDACTED = "[redacted]"
+# Any run this long shared with a secret is redacted (issue 12): an altered echo is still an echo.
+_SHARED_RUN = 8
 _ACCEPT_JSON = {"Accept": "application/json"}
 
 
@@ -131,12 +133,47 @@ def resource_of(api_url: str) -> str:
     return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
 
 
+def _shared_runs(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every run of ``_SHARED_RUN``+ characters that also occurs in a secret redacted.
+
+    Case-insensitive, and against the secrets' URL- and form-encoded spellings too, so an echo that
+    was lowercased, cut short, encoded or embedded in other text is caught, not only an exact one.
+    """
+    grams: set[str] = set()
+    for secret in secrets:
+        every = "".join(c if c.isalnum() else "".join(f"%{b:02x}" for b in c.encode()) for c in secret)
+        for form in {secret, quote(secret, safe=""), quote_plus(secret), every}:
+            low = form.lower()
+            grams.update(low[i : i + _SHARED_RUN] for i in range(len(low) - _SHARED_RUN + 1))
+    if not grams:
+        return text
+    low = text.lower()
+    covered = [False] * len(text)
+    for i in range(len(low) - _SHARED_RUN + 1):
+        if low[i : i + _SHARED_RUN] in grams:
+            covered[i : i + _SHARED_RUN] = [True] * _SHARED_RUN
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if not covered[i]:
+            out.append(ch)
+        elif i == 0 or not covered[i - 1]:
+            out.append(_REDACTED)
+    return "".join(out)
+
+
 def sanitize_description(text: str, secrets: Iterable[str] = ()) -> str:
     """Azure's error_description made fit for a message: one line, no diagnostics, no secrets."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+    known = sorted({s for s in secrets if s}, key=len, reverse=True)
+    for secret in known:  # secrets shorter than a shared run are still removed when echoed whole
         for form in (secret, quote(secret, safe=""), quote_plus(secret)):
             text = text.replace(form, _REDACTED)
-    text = _TOKENISH.sub(_REDACTED, text)
+    redacted = _shared_runs(text, known)
+    decoded = unquote(text)
+    if decoded != text:  # an echo in mixed encodings: judged decoded, shown decoded when it hid one
+        plain = _shared_runs(decoded, known)
+        if plain != decoded:
+            redacted = plain
+    text = _TOKENISH.sub(_REDACTED, redacted)
     lines = text.strip().splitlines()
     line = _DIAGNOSTICS.sub("", lines[0] if lines else "")
     line = "".join(ch if ch.isprintable() else " " for ch in line).strip()
@@ -289,6 +326,9 @@ class AzureADClient:
 
     def _target(self, creds: ClientCredentials, url: str, *, offline: bool) -> dict[str, str]:
         """v1 names the resource; v2 asks for the resource's ``.default`` scope."""
+        # Checked like token_url, before every grant: an api_url written straight into the seed
+        # table must not get a token for another resource (e.g. Microsoft Graph) minted and served.
+        self._allowed(creds.api_url, "api_url")
         try:
             origin = resource_of(creds.api_url)
         except ValueError as exc:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 
-from service.kit.schemas import Strict, Text255, Timestamp, storable
+from service.kit.schemas import Strict, Text255, Timestamp, no_control_chars, storable
 
 # The database keeps naive UTC; responses carry RFC 3339 with the offset ("...Z").
 
@@ -21,12 +21,16 @@ class KeyCreate(Strict):
         list[Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]] | None
     ) = Field(default=None, max_length=10_000)
 
+    _name = field_validator("name")(no_control_chars)
+
 
 class KeyPatch(Strict):
     name: Text255 | None = None
     accounts: (
         list[Annotated[str, StringConstraints(min_length=1, max_length=255), AfterValidator(storable)]] | None
     ) = Field(default=None, max_length=10_000)
+
+    _name = field_validator("name")(no_control_chars)
 
 
 class KeyOut(BaseModel):

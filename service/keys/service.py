@@ -4,6 +4,10 @@ A new key is shown only in the response that creates it. Changes apply at once o
 (``KeyStore.put``/``remove``) and on the others at their next sync (within 5 s); a new key works on
 the others at once, because a key not in memory is looked up by its hash before a 401 (``resolve``:
 one query per key, shared by concurrent callers, never for keys no replica made).
+
+A request that loses a race to a concurrent delete (of the key, or of an account it names) gets
+what it would have got had it come second (404 ``key_not_found``, 422 unknown account), never a
+503: the database's IntegrityError/StaleDataError is translated here, after a fresh look.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from service.accounts import repository as accounts_repo
 from service.errors import InvalidInput, KeyNotFound, StorageUnavailable
@@ -182,17 +187,21 @@ class KeyService:
             created_at=now,
             updated_at=now,
         )
-        async with self._sessions() as session, session.begin():
-            await self._check_accounts(session, data.accounts)
-            await repo.insert_key(session, key)
-            await repo.set_key_scope(session, key.id, data.accounts or [])
-            await accounts_repo.add_event(
-                session,
-                account_id=None,
-                kind="key_created",
-                actor=actor,
-                detail={"key_id": key.id, "role": key.role, "accounts": data.accounts},
-            )
+        try:
+            async with self._sessions() as session, session.begin():
+                await self._check_accounts(session, data.accounts)
+                await repo.insert_key(session, key)
+                await repo.set_key_scope(session, key.id, data.accounts or [])
+                await accounts_repo.add_event(
+                    session,
+                    account_id=None,
+                    kind="key_created",
+                    actor=actor,
+                    detail={"key_id": key.id, "role": key.role, "accounts": data.accounts},
+                )
+        except IntegrityError:
+            await self._lost_race(None, data.accounts)
+            raise
         self._keystore.put(_principal(key, data.accounts))
         out = _out(key, data.accounts)
         return KeyCreated(**out.model_dump(), key=raw)
@@ -211,7 +220,21 @@ class KeyService:
             scopes = await repo.key_scopes(session, [key_id])
         return _out(key, scopes.get(key_id, []))
 
+    async def _lost_race(self, key_id: str | None, accounts: Sequence[str] | None) -> None:
+        """After a write failed on a vanished row: raise what a request coming second would get."""
+        async with self._sessions() as session:
+            if key_id is not None and await repo.get_key(session, key_id) is None:
+                raise KeyNotFound()
+            await self._check_accounts(session, accounts)
+
     async def patch(self, key_id: str, data: KeyPatch, *, actor: str | None) -> KeyOut:
+        try:
+            return await self._patch(key_id, data, actor=actor)
+        except (IntegrityError, StaleDataError):
+            await self._lost_race(key_id, data.accounts if "accounts" in data.model_fields_set else None)
+            raise
+
+    async def _patch(self, key_id: str, data: KeyPatch, *, actor: str | None) -> KeyOut:
         fields = data.model_fields_set
         async with self._sessions() as session, session.begin():
             key = await repo.get_key(session, key_id)
@@ -250,9 +273,9 @@ class KeyService:
 
     async def delete(self, key_id: str, *, actor: str | None) -> None:
         async with self._sessions() as session, session.begin():
-            if await repo.get_key(session, key_id) is None:
+            # Both checks: a concurrent DELETE may remove the row between the read and ours.
+            if await repo.get_key(session, key_id) is None or not await repo.delete_key(session, key_id):
                 raise KeyNotFound()
-            await repo.delete_key(session, key_id)
             await accounts_repo.add_event(
                 session, account_id=None, kind="key_revoked", actor=actor, detail={"key_id": key_id}
             )

@@ -20,13 +20,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import os
 import re
 from collections.abc import Iterable, Sequence
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from service.errors import ConfigurationError
 
@@ -130,16 +131,19 @@ class Keyring:
                 ) from None
         return cls(raw_keys)
 
-    def derive(self, label: bytes) -> tuple[bytes, ...]:
-        """One 32-byte subkey per key of the ring, primary first: HMAC-SHA256(key, label).
-
-        For a purpose other than encryption (e.g. tagging caller keys) that every replica sharing
-        the ring must agree on, without reusing an encryption key as it is.
-        """
-        return tuple(hmac.new(raw, label, hashlib.sha256).digest() for raw in self._raw)
-
     def __repr__(self) -> str:
         return f"Keyring(primary_key_id={self.primary_key_id!r}, key_ids={self.key_ids!r})"
+
+    def derive(self, purpose: str) -> tuple[bytes, ...]:
+        """32-byte subkeys for ``purpose`` (HKDF-SHA256), one per ring key, the primary's first.
+
+        For MACs that every replica sharing the ring must agree on (OAuth states, caller-key tags),
+        also during a rotation: sign with the first, accept any. A subkey reveals nothing about the
+        encryption key it came from, and an encryption key is never used as a MAC key as it is."""
+        return tuple(
+            HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose.encode()).derive(raw)
+            for raw in self._raw
+        )
 
     def encrypt(self, plaintext: str, *, context: str) -> str:
         """Encrypt with the primary key, bound to ``context``."""

@@ -34,7 +34,9 @@ def check_url(settings: Settings) -> str | None:
     # the URL comes from the environment and cannot change while the process runs.
     try:
         host = (urlsplit(url).hostname or "").rstrip(".")
-        return OutboundPolicy([host] if host else [], settings.allow_http).check(url)
+        # Any port: the operator chose it (BROKER_ALLOWED_HOSTS' 443-only rule is for Microsoft).
+        pattern = f"[{host}]:*" if ":" in host else f"{host}:*"
+        return OutboundPolicy([pattern] if host else [], settings.allow_http).check(url)
     except (OutboundURLError, ValueError) as exc:
         # The URL itself is not echoed: its path may be a secret.
         raise ConfigurationError(f"BROKER_WEBHOOK_URL {exc}; fix it or unset it.") from None

@@ -263,3 +263,22 @@ async def test_health_endpoints(running: Any) -> None:
     assert ready.status_code == 200
     metrics = await running.client.get("/metrics")
     assert "broker_token_requests_total" in metrics.text
+
+
+@pytest.mark.parametrize(
+    ("field", "url"),
+    [
+        ("token_url", "https://evil.com\\.crm.dynamics.com/t"),
+        ("api_url", "https://evil.com%2f.crm.dynamics.com/t"),
+        ("authorization_url", "https://evil.com%5c.crm.dynamics.com/t"),
+        ("token_url", "https://login.microsoftonline.com:22/"),
+        ("api_url", "https://contoso.crm.dynamics.com:8443/api/data/v9.2"),
+    ],
+)
+async def test_non_host_names_and_other_ports_are_not_stored(field: str, url: str, running: Any) -> None:
+    """A URL whose host is no RFC 1123 name, or whose port is not 443, is 422 and nothing is stored."""
+    r = await running.client.post("/accounts", json=account_body(**{field: url}), headers=admin())
+    assert (r.status_code, r.json()["code"]) == (422, "validation_error"), r.text
+    assert r.json()["errors"][0]["loc"] == ["body", field]
+    listed = await running.client.get("/accounts", headers=admin())
+    assert listed.json()["items"] == []

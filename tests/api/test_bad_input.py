@@ -745,10 +745,17 @@ async def test_urls_to_private_addresses_or_other_hosts_are_422_naming_the_field
     assert not azure.calls
 
 
-async def test_a_port_on_an_allowed_host_is_accepted_as_the_contract_says(running: Running) -> None:
-    """DESIGN.md: an allowed-host pattern matches the host name only, the port is ignored."""
+async def test_a_port_needs_an_allow_list_entry_naming_it(
+    running: Running, tmp_path: Path, run_app: Callable[..., Any]
+) -> None:
+    """A pattern without a port allows 443 only (issue 12); ``host:8443`` in the list allows 8443."""
     url = "https://login.microsoftonline.com:8443/tenant/oauth2/token"
     r = await running.client.post("/accounts", json=account_body(token_url=url), headers=admin())
+    assert (r.status_code, r.json()["errors"][0]["loc"]) == (422, ["body", "token_url"]), r.text
+    allowed = "login.microsoftonline.com,login.microsoftonline.com:8443,*.crm.dynamics.com"
+    settings = make_settings(running.settings.database_url, tmp_path / "ported", allowed_hosts=allowed)
+    async with run_app(settings) as ported:
+        r = await ported.client.post("/accounts", json=account_body(token_url=url), headers=admin())
     assert r.status_code == 201, r.text
     assert r.json()["token_url"] == url
 
@@ -770,6 +777,25 @@ async def test_a_url_made_unsafe_in_the_database_is_not_called(
     assert CLIENT_SECRET not in r.text
     assert REFRESH_TOKEN not in r.text
     assert metadata.call_count == 0
+    assert not azure.calls
+
+
+@pytest.mark.parametrize(
+    "api_url", ["https://graph.microsoft.com/v1.0", "https://contoso.crm.dynamics.com:8443/api/data/v9.2"]
+)
+async def test_an_api_url_written_into_the_seed_row_is_checked_when_a_token_is_minted(
+    api_url: str, running: Running, azure: respx.MockRouter
+) -> None:
+    """API_URL outside BROKER_ALLOWED_HOSTS, written behind the API's back: 409, no token asked for."""
+    account = await new_account(running)
+    async with running.ctx.sessions() as session, session.begin():
+        row = await session.get(Account, account["id"])
+        assert row is not None
+        row.api_url = api_url
+        row.version = (row.version or 0) + 1
+    r = await running.client.get(f"/accounts/{account['id']}/token", headers=admin())
+    problem = assert_problem(r, 409, "invalid_credentials")
+    assert "api_url" in problem["detail"]
     assert not azure.calls
 
 
@@ -800,7 +826,10 @@ async def test_a_host_httpx_cannot_send_to_in_the_database_is_a_problem_not_a_50
     azure.post(TOKEN_URL_V1).respond(200, json=v1_token())
     r = await running.client.post(f"/accounts/{other['id']}/test", headers=admin())
     assert r.status_code == 200, r.text
-    assert (r.json()["ok"], r.json()["reason"]) == (False, "forbidden_url")
+    # Refused when the token would be minted (issue 12: api_url is checked like token_url).
+    assert (r.json()["ok"], r.json()["reason"]) == (False, "invalid_credentials")
+    assert "api_url" in r.json()["message"]
+    assert not azure.calls
 
 
 # -- 9. redirects from the IdP are never followed --------------------------------------------------

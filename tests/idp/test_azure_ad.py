@@ -437,7 +437,7 @@ class DroppingServer:
 
 async def test_grant_sent_again_when_kept_alive_connection_is_dropped() -> None:
     """The server drops the reused connection: the same form goes out once more, on a new one."""
-    policy = OutboundPolicy(allowed_hosts=["127.0.0.1"], allow_http=True)
+    policy = OutboundPolicy(allowed_hosts=["127.0.0.1:*", "*.crm.dynamics.com"], allow_http=True)
     drop_reused_first = DroppingServer(drop=lambda n, answered: n == 1 and answered > 0)
     async with drop_reused_first as server, httpx.AsyncClient() as http:
         azure = AzureADClient(http, policy, timeout=5.0, clock=lambda: NOW)
@@ -451,7 +451,7 @@ async def test_grant_sent_again_when_kept_alive_connection_is_dropped() -> None:
 
 async def test_grant_sent_at_most_twice_when_every_connection_drops() -> None:
     """A server that drops every request: two sends on two connections, then 'network'; no loop."""
-    policy = OutboundPolicy(allowed_hosts=["127.0.0.1"], allow_http=True)
+    policy = OutboundPolicy(allowed_hosts=["127.0.0.1:*", "*.crm.dynamics.com"], allow_http=True)
     async with DroppingServer(drop=lambda n, answered: True) as server, httpx.AsyncClient() as http:
         azure = AzureADClient(http, policy, timeout=5.0, clock=lambda: NOW)
         with pytest.raises(errors.UpstreamUnavailable) as info:

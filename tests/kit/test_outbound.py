@@ -36,7 +36,7 @@ def test_a_host_httpx_cannot_send_to_is_refused(url: str) -> None:
         "https://login.microsoftonline.com/tenant/oauth2/token",
         "https://org.crm.dynamics.com/api/data/v9.2/WhoAmI",
         "https://ORG.crm.dynamics.com./api/data/v9.2",
-        "https://login.microsoftonline.com:8443/tenant/oauth2/token",
+        "https://login.microsoftonline.com:443/tenant/oauth2/token",
         "https://xn--9ca.crm.dynamics.com/api/data/v9.2",  # a valid A-label
         "https://\u00e9.crm.dynamics.com/api/data/v9.2",  # its U-label
     ],
@@ -53,3 +53,51 @@ async def test_send_raises_unsendable_url_and_sends_nothing(url: str) -> None:
                 await send(http, "POST", url, limit=5.0, headers={}, data={"client_secret": "s3cret"})
     assert not router.calls
     assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://evil.com\\.crm.dynamics.com/t",
+        "https://evil.com%2f.crm.dynamics.com/t",
+        "https://evil.com%5c.crm.dynamics.com/t",
+        "https://evil.com%2F.crm.dynamics.com/t",
+        "https://evil_com.crm.dynamics.com/t",
+        "https://-evil.crm.dynamics.com/t",
+        "https://evil-.crm.dynamics.com/t",
+        "https://evil..crm.dynamics.com/t",
+        "https://evil.com'.crm.dynamics.com/t",
+        "https://" + "a" * 64 + ".crm.dynamics.com/t",
+    ],
+)
+def test_only_rfc_1123_host_names_are_matched(url: str) -> None:
+    """A host that is not an RFC 1123 name is refused, however it ends."""
+    with pytest.raises(OutboundURLError, match="not valid"):
+        POLICY.check(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://login.microsoftonline.com:22/",
+        "https://login.microsoftonline.com:8443/tenant/oauth2/token",
+        "https://org.crm.dynamics.com:80/api/data/v9.2",
+    ],
+)
+def test_only_port_443_without_a_port_in_the_allow_list(url: str) -> None:
+    """A pattern without a port allows the default port only."""
+    with pytest.raises(OutboundURLError, match=r"port \d+ is not allowed"):
+        POLICY.check(url)
+
+
+def test_an_allow_list_entry_may_name_a_port() -> None:
+    """``host:port`` allows that port, ``host:*`` any; an IP port is held to the same rule."""
+    policy = OutboundPolicy(["login.example.com:8443", "10.0.0.5:*", "*.example.net:9443"])
+    assert policy.check("https://login.example.com:8443/t")
+    assert policy.check("https://10.0.0.5:1234/t")
+    assert policy.check("https://a.example.net:9443/t")
+    for url in ("https://login.example.com/t", "https://login.example.com:22/t", "https://a.example.net/t"):
+        with pytest.raises(OutboundURLError, match="is not allowed"):
+            policy.check(url)
+    with pytest.raises(OutboundURLError, match="port 22 is not allowed"):
+        OutboundPolicy(["10.0.0.5"]).check("https://10.0.0.5:22/t")

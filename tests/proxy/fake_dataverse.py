@@ -2,7 +2,7 @@
 
 Own process: ``python -m tests.proxy.fake_dataverse --port 0`` prints ``READY http://127.0.0.1:<port>``;
 ``running_fake_dataverse()`` wraps that. Plain http on 127.0.0.1: the brokers run with
-``BROKER_ALLOW_HTTP=true`` and ``BROKER_ALLOWED_HOSTS=127.0.0.1``.
+``BROKER_ALLOW_HTTP=true`` and ``BROKER_ALLOWED_HOSTS=127.0.0.1:*``.
 
 * ``POST /{tenant}/oauth2/token`` (v1, client_credentials): checks the client secret and issues an
   access token this fake then accepts; counts the calls.

@@ -40,7 +40,7 @@ def cluster(mysql_url: str, tmp_path: Path, **fake: Any) -> Iterator[tuple[Repli
         "BROKER_ENCRYPTION_KEYS": generate_key(),
         "BROKER_ADMIN_KEYS": ADMIN_KEY,
         "BROKER_CLIENT_KEYS": CLIENT_KEY,
-        "BROKER_ALLOWED_HOSTS": "127.0.0.1",
+        "BROKER_ALLOWED_HOSTS": "127.0.0.1:*",
         "BROKER_ALLOW_HTTP": "true",
         "BROKER_VAR_DIR": str(tmp_path / "var"),
         "BROKER_PROXY_MAX_CONCURRENT": str(PER_REPLICA),

@@ -183,7 +183,7 @@ def test_sigterm_stops_accepting_finishes_the_slow_refresh_and_exits_0(tmp_path:
             BROKER_ADMIN_KEYS=admin_key,
             BROKER_ENCRYPTION_KEYS=generate_key(),
             BROKER_ALLOW_HTTP="true",
-            BROKER_ALLOWED_HOSTS="127.0.0.1",
+            BROKER_ALLOWED_HOSTS="127.0.0.1:*",
             # The webhook loop runs too, and must not hold the shutdown up.
             BROKER_WEBHOOK_URL=f"{fake.url}/hooks/broker",
             BROKER_WEBHOOK_SECRET="lc-webhook-secret",

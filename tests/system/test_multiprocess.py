@@ -267,7 +267,7 @@ async def test_replicas_refresh_each_token_once_restart_without_idp_and_log_no_s
             "BROKER_ADMIN_KEYS": admin_key,
             "BROKER_CLIENT_KEYS": client_key,
             "BROKER_ALLOW_HTTP": "true",
-            "BROKER_ALLOWED_HOSTS": "127.0.0.1",
+            "BROKER_ALLOWED_HOSTS": "127.0.0.1:*",
             "BROKER_VAR_DIR": str(tmp_path / "var"),
             "BROKER_REFRESH_MARGIN_SECONDS": str(MARGIN),
             "BROKER_MIN_TOKEN_TTL_SECONDS": str(MIN_TTL),

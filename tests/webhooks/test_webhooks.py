@@ -539,3 +539,48 @@ async def test_expiry_notices_go_out_once_per_stage_with_a_fake_clock(
     await receiver.wait(5)
     last = verified(receiver.requests[-1], "account.credential_expiring")
     assert (last["account_id"], last["within"]) == (late["id"], "7d")
+
+
+def _shares_a_run(text: str, secret: str, run: int = 8) -> bool:
+    low, sec = text.lower(), secret.lower()
+    return any(sec[i : i + run] in low for i in range(len(sec) - run + 1))
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        CLIENT_SECRET.lower(),
+        CLIENT_SECRET[:-1],
+        CLIENT_SECRET.upper()[1:],
+        CLIENT_SECRET.replace("~", "%7E"),
+        f"xx{CLIENT_SECRET[2:-2]}yy",
+    ],
+)
+async def test_an_altered_echo_of_the_secret_is_stored_and_sent_nowhere(
+    echo: str, hooked: Any, azure: respx.MockRouter, receiver: Receiver
+) -> None:
+    """invalid_client echoing the secret lowercased, cut short or encoded: no 8-character run of it
+    is in last_error, the events or the notification (issue 12, item 7)."""
+    answer = {
+        "error": "invalid_client",
+        "error_description": f"AADSTS7000215: Invalid client secret provided: {echo}. Trace ID: 1",
+        "error_codes": [7000215],
+    }
+    azure.post(TOKEN_URL_V1).respond(401, json=answer)
+    account = await create(hooked)
+    r = await hooked.client.get(f"/accounts/{account['id']}/token", headers=client())
+    assert r.json()["code"] == "invalid_credentials"
+    await receiver.wait(1)
+    await drained(hooked.settings)
+    [doc] = receiver.delivered()
+    assert "Invalid client secret provided" in doc["message"]
+    stored = await hooked.client.get(f"/accounts/{account['id']}", headers=admin())
+    events = await hooked.client.get(f"/accounts/{account['id']}/events", headers=admin())
+    assert stored.json()["last_error"]["code"] == "invalid_client"
+    for where, text in (
+        ("token response", r.text),
+        ("webhook", receiver.requests[0].content.decode()),
+        ("last_error", json.dumps(stored.json()["last_error"])),
+        ("events", events.text),
+    ):
+        assert not _shares_a_run(text, CLIENT_SECRET), where

@@ -152,7 +152,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "BROKER_ADMIN_KEYS": admin_key,
             "BROKER_CLIENT_KEYS": client_key,
             "BROKER_ALLOW_HTTP": "true",
-            "BROKER_ALLOWED_HOSTS": "127.0.0.1",
+            "BROKER_ALLOWED_HOSTS": "127.0.0.1:*",
             "BROKER_VAR_DIR": str(tmp / "var"),
             "BROKER_LOG_LEVEL": "INFO",
         }

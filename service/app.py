@@ -34,6 +34,7 @@ from service.keys.service_accounts import ServiceAccountService
 from service.keys.store import TAG_LABEL, KeyStore
 from service.kit.db import create_engine, create_sessionmaker
 from service.kit.outbound import OutboundPolicy
+from service.kit.problems import problem_response
 from service.metrics import Metrics
 from service.proxy import endpoints as proxy
 from service.proxy.asgi import ProxyBypass
@@ -191,9 +192,7 @@ def wrap(app: FastAPI, settings: Settings) -> TokenFastPath:
         return ctx.proxy if ctx is not None else None
 
     # Proxy paths: answered below FastAPI, under their own body limit (service/proxy/asgi.py).
-    limited = ProxyBypass(
-        BodyLimit(app, settings.max_body_bytes), app, proxy_service, problems.problem_response
-    )
+    limited = ProxyBypass(BodyLimit(app, settings.max_body_bytes), app, proxy_service, problem_response)
     inner = AccessLog(RequireKey(limited, context))
     return TokenFastPath(inner, context)
 

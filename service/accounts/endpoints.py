@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response, status
 
 from service.accounts.schemas import AccountCreate, AccountList, AccountOut, AccountPatch, EventList
-from service.api.deps import AccountId, Admin, Ctx, Limit, Offset
+from service.deps import AccountId, Admin, Ctx, Limit, Offset
 from service.errors import InvalidInput
 from service.kit.schemas import Problem
 

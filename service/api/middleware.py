@@ -14,10 +14,11 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.problems import PROBLEM, problem_body
 from service.context import Context
 from service.errors import BrokerError, Forbidden, Unauthorized
 from service.keys.store import Principal
+from service.kit.http import bearer_key
+from service.kit.problems import PROBLEM, problem_body
 from service.proxy.paths import is_proxy_path
 
 access_log = logging.getLogger("service.access")
@@ -149,7 +150,7 @@ class RequireKey:
     """Check the API key before anything reads the request body.
 
     FastAPI parses a body before running dependencies, so without this a malformed body would be
-    answered 422 to a caller without a valid key. The route dependencies (``api/deps.py``) check
+    answered 422 to a caller without a valid key. The route dependencies (``service/deps.py``) check
     again and document the scheme in OpenAPI; the principal found here is handed to them.
     """
 
@@ -180,17 +181,6 @@ class RequireKey:
             return
         state["principal"] = principal
         await self.app(scope, receive, send)
-
-
-def bearer_key(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The key of an ``Authorization: Bearer <key>`` header, or None."""
-    for name, value in headers:
-        if name == b"authorization":
-            scheme, _, key = value.partition(b" ")
-            if scheme.lower() == b"bearer" and key.strip():
-                return key.strip().decode("latin-1")
-            return None
-    return None
 
 
 async def _problem(send: Send, scope: Scope, error: BrokerError) -> None:

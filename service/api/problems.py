@@ -16,11 +16,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import BrokerError, StorageUnavailable
-from service.kit.jsonutil import dumps
+from service.kit.problems import PROBLEM, problem_body, problem_response
 
 log = logging.getLogger("service.api")
 
-PROBLEM = "application/problem+json"
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -29,22 +28,6 @@ _HTTP_CODES = {
     415: "unsupported_media_type",
     400: "bad_request",
 }
-
-
-def problem_body(status: int, code: str, title: str, detail: str | None, **extra: Any) -> bytes:
-    doc: dict[str, Any] = {"type": "about:blank", "title": title, "status": status, "code": code}
-    if detail:
-        doc["detail"] = detail
-    doc.update(extra)
-    return dumps(doc)
-
-
-def problem_response(error: BrokerError, instance: str | None = None) -> Response:
-    extra = error.extra()
-    if instance:
-        extra["instance"] = instance
-    body = problem_body(error.status, error.code, error.title, error.detail, **extra)
-    return Response(body, status_code=error.status, media_type=PROBLEM, headers=error.headers)
 
 
 def _clean_validation(errors: list[Any]) -> list[dict[str, Any]]:

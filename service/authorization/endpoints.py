@@ -17,12 +17,13 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from service.accounts.schemas import AccountOut
-from service.api.deps import AccountId, Admin, Ctx
-from service.api.problems import PROBLEM, problem_response
+from service.authorization.redirects import Redirect
 from service.authorization.schemas import AuthorizationCodeIn, AuthorizeIn, AuthorizeOut, ConnectionTestOut
-from service.authorization.service import PENDING_TTL, AuthorizationService, Redirect
+from service.authorization.service import PENDING_TTL, AuthorizationService
+from service.deps import AccountId, Admin, Ctx
 from service.errors import BrokerError, InvalidState, StorageUnavailable, Unavailable
 from service.kit.http import NO_STORE
+from service.kit.problems import PROBLEM, problem_response
 from service.kit.schemas import Problem
 
 router = APIRouter(tags=["authorization"])

@@ -13,18 +13,16 @@ Invariants:
   account keeps its status and any refresh token it had;
 - ``test_connection`` always answers (``ok`` true or false, with what to do), except for a
   missing account.
-No FastAPI here; ``api/oauth.py`` renders the answers.
+No FastAPI here; ``endpoints.py`` renders the answers. The pure parts (PKCE, the redirect URI
+rules, the pasted redirect) are ``redirects.py``'s.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from sqlalchemy.exc import IntegrityError
@@ -35,6 +33,15 @@ from service.accounts.credentials import AccountSecrets
 from service.accounts.schemas import AccountOut
 from service.accounts.service import AccountService
 from service.authorization import repository as repo
+from service.authorization.redirects import (
+    Redirect,
+    invalid,
+    is_loopback_redirect,
+    parse_pasted,
+    redirect_uri_problem,
+    s256,
+    state_hash,
+)
 from service.authorization.schemas import AuthorizeOut, ConnectionTestOut
 from service.authorization.state import PURPOSE, StateSigner
 from service.errors import (
@@ -46,8 +53,9 @@ from service.errors import (
     InvalidState,
     UpstreamUnavailable,
 )
-from service.idp.azure_ad import AzureADClient, sanitize_description
+from service.idp.azure_ad import AzureADClient
 from service.idp.dynamics import ConnectionProblem, WhoAmI, who_am_i
+from service.idp.redaction import sanitize_description
 from service.kit import sealing, timeutil
 from service.kit.crypto import Keyring
 from service.kit.outbound import OutboundPolicy
@@ -59,7 +67,6 @@ if TYPE_CHECKING:
     from service.context import Context
 
 CALLBACK_PATH = "/oauth/callback"
-_MAX_PASTED_FIELDS = 50
 PENDING_TTL = timedelta(minutes=10)
 START_AGAIN = "call POST /accounts/{id}/authorize and open the new authorization_url"
 
@@ -80,95 +87,6 @@ _PROBE_NEXT_STEPS = {
     "server_error": "Dynamics is failing or throttling; try again later",
     "forbidden_url": "fix api_url, or ask the operator to allow its host in BROKER_ALLOWED_HOSTS",
 }
-
-
-def state_hash(state: str) -> str:
-    return hashlib.sha256(state.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def s256(verifier: str) -> str:
-    """The PKCE S256 challenge: base64url(sha256(verifier)) without padding."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def redirect_uri_problem(value: str) -> str | None:
-    """Why ``value`` cannot be a redirect URI (absolute http(s), no fragment), or None."""
-    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
-        return "must not contain spaces or control characters"
-    try:
-        parts = urlsplit(value)
-        _ = parts.port
-    except ValueError:
-        return "is not a valid URL"
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return "must be an absolute http(s) URL"
-    if "#" in value:
-        return "must not contain a fragment"
-    if parts.username is not None or parts.password is not None:
-        return "must not contain a user name or password"
-    return None
-
-
-def is_loopback_redirect(value: str) -> bool:
-    """``http://localhost[:port][/path]`` or the same on 127.0.0.1: the seed's manual flow."""
-    parts = urlsplit(value)
-    return (
-        parts.scheme == "http"
-        and parts.netloc.lower().split(":")[0] in ("localhost", "127.0.0.1")
-        and (parts.netloc.count(":") == 0 or parts.netloc.rsplit(":", 1)[1].isdigit())
-    )
-
-
-@dataclass(frozen=True)
-class Redirect:
-    """What an authorization server's redirect carried (the hosted callback, or a pasted URL)."""
-
-    code: str | None = field(default=None, repr=False)
-    state: str | None = field(default=None, repr=False)
-    error: str | None = None
-    error_description: str | None = None
-
-
-def parse_pasted(value: str) -> Redirect:
-    """The seed's manual flow: a bare code, or the whole ``http://localhost/?code=…`` address."""
-    text = value.strip()
-    is_url = "://" in text
-    if is_url:
-        try:
-            parts = urlsplit(text)
-        except ValueError as exc:  # e.g. an unclosed '[' in the host
-            raise _invalid(
-                "code", "the pasted URL is not a valid URL: paste it again, or only the code"
-            ) from exc
-        candidates = [parts.query, parts.fragment]  # response_mode=fragment puts them after '#'
-    else:
-        candidates = [text.lstrip("?#")]
-    for raw in candidates:
-        try:
-            params = parse_qs(raw, keep_blank_values=True, max_num_fields=_MAX_PASTED_FIELDS)
-        except ValueError as exc:  # more fields than any Azure AD redirect carries
-            raise _invalid(
-                "code", f"the pasted value has more than {_MAX_PASTED_FIELDS} parameters: paste only the code"
-            ) from exc
-        if "code" in params or "error" in params:
-            first = {k: (v[0].strip() or None) for k, v in params.items()}
-            return Redirect(
-                first.get("code"), first.get("state"), first.get("error"), first.get("error_description")
-            )
-    if is_url:
-        raise _invalid(
-            "code",
-            "the pasted URL has no code parameter: paste the whole address Azure AD "
-            "redirected to, or only the code",
-        )
-    return Redirect(code=text)
-
-
-def _invalid(name: str, message: str) -> InvalidInput:
-    return InvalidInput(
-        f"{name}: {message}", [{"loc": ["body", name], "msg": message, "type": "value_error"}]
-    )
 
 
 @dataclass(frozen=True)
@@ -340,7 +258,7 @@ class AuthorizationService:
         if pasted.error:
             await self._deny(account_id, pasted, actor=actor)
         if not pasted.code:
-            raise _invalid("code", "the pasted URL has an empty code")
+            raise invalid("code", "the pasted URL has an empty code")
         return await self._redeem(
             account_id, pasted.code, self._redirect_uri(redirect_uri), None, actor=actor
         )
@@ -405,12 +323,12 @@ class AuthorizationService:
             return self.default_redirect_uri
         problem = redirect_uri_problem(value)
         if problem:
-            raise _invalid("redirect_uri", problem)
+            raise invalid("redirect_uri", problem)
         # Where Azure sends the code: the broker itself, the admin's own machine, or what the
         # operator listed; never an arbitrary site an API caller names.
         allowed = {self.default_redirect_uri, *self._settings.allowed_redirect_uri_list}
         if value not in allowed and not is_loopback_redirect(value):
-            raise _invalid(
+            raise invalid(
                 "redirect_uri",
                 f"must be the broker's callback ({self.default_redirect_uri}), http://localhost[:port] "
                 "or http://127.0.0.1[:port], or one of BROKER_ALLOWED_REDIRECT_URIS",

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import Ctx
 from service.context import Context
+from service.deps import Ctx
 from service.health.readiness import Readiness, Verdict
 from service.kit.jsonutil import dumps
 from service.migrate import current_revision, head_revision

@@ -24,16 +24,17 @@ import dataclasses
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Literal, NamedTuple, Protocol
-from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 
 from service import errors
+from service.idp.redaction import sanitize_description
 from service.kit.outbound import OutboundPolicy, OutboundURLError
 from service.kit.transport import UnsendableURL, send
 
@@ -76,13 +77,7 @@ _AADSTS = {
     500011: "the API URL's origin is not a resource known to this tenant",
 }
 _AADSTS_IN_TEXT = re.compile(r"AADSTS(\d+)")
-_DIAGNOSTICS = re.compile(r"\s*(?:Trace ID|Correlation ID|Timestamp)\s*:.*$", re.IGNORECASE)
-_TOKENISH = re.compile(r"[A-Za-z0-9._~+/=-]{64,}")  # a token-like run: redacted even if not ours
-_MAX_MESSAGE = 300
 _MAX_RETRY_AFTER = 300.0
-_REDACTED = "[redacted]"
-# Any run this long shared with a secret is redacted (issue 12): an altered echo is still an echo.
-_SHARED_RUN = 8
 _ACCEPT_JSON = {"Accept": "application/json"}
 
 
@@ -131,53 +126,6 @@ def resource_of(api_url: str) -> str:
         host = f"[{host}]"
     default = 443 if scheme == "https" else 80
     return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
-
-
-def _shared_runs(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every run of ``_SHARED_RUN``+ characters that also occurs in a secret redacted.
-
-    Case-insensitive, and against the secrets' URL- and form-encoded spellings too, so an echo that
-    was lowercased, cut short, encoded or embedded in other text is caught, not only an exact one.
-    """
-    grams: set[str] = set()
-    for secret in secrets:
-        every = "".join(c if c.isalnum() else "".join(f"%{b:02x}" for b in c.encode()) for c in secret)
-        for form in {secret, quote(secret, safe=""), quote_plus(secret), every}:
-            low = form.lower()
-            grams.update(low[i : i + _SHARED_RUN] for i in range(len(low) - _SHARED_RUN + 1))
-    if not grams:
-        return text
-    low = text.lower()
-    covered = [False] * len(text)
-    for i in range(len(low) - _SHARED_RUN + 1):
-        if low[i : i + _SHARED_RUN] in grams:
-            covered[i : i + _SHARED_RUN] = [True] * _SHARED_RUN
-    out: list[str] = []
-    for i, ch in enumerate(text):
-        if not covered[i]:
-            out.append(ch)
-        elif i == 0 or not covered[i - 1]:
-            out.append(_REDACTED)
-    return "".join(out)
-
-
-def sanitize_description(text: str, secrets: Iterable[str] = ()) -> str:
-    """Azure's error_description made fit for a message: one line, no diagnostics, no secrets."""
-    known = sorted({s for s in secrets if s}, key=len, reverse=True)
-    for secret in known:  # secrets shorter than a shared run are still removed when echoed whole
-        for form in (secret, quote(secret, safe=""), quote_plus(secret)):
-            text = text.replace(form, _REDACTED)
-    redacted = _shared_runs(text, known)
-    decoded = unquote(text)
-    if decoded != text:  # an echo in mixed encodings: judged decoded, shown decoded when it hid one
-        plain = _shared_runs(decoded, known)
-        if plain != decoded:
-            redacted = plain
-    text = _TOKENISH.sub(_REDACTED, redacted)
-    lines = text.strip().splitlines()
-    line = _DIAGNOSTICS.sub("", lines[0] if lines else "")
-    line = "".join(ch if ch.isprintable() else " " for ch in line).strip()
-    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 1].rstrip() + "…"
 
 
 def _retry_after(value: str | None, *, default: float, now: float) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from service.api.deps import Admin, Ctx, KeyId, Limit, Offset, ServiceAccountId
+from service.deps import Admin, Ctx, KeyId, Limit, Offset, ServiceAccountId
 from service.keys.schemas import (
     KeyCreate,
     KeyCreated,

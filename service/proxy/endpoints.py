@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
-from service.api.deps import AccountId, Caller, Ctx
+from service.deps import AccountId, Caller, Ctx
 from service.kit.schemas import Problem
 from service.proxy.asgi import incoming
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from service.api.deps import AccountId, Caller, Ctx
+from service.deps import AccountId, Caller, Ctx
 from service.errors import AccountNotFound, BrokerError, NotFound
 from service.keys.store import Principal
 from service.kit.http import NO_STORE

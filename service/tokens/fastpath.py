@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.middleware import bearer_key
 from service.context import Context
+from service.kit.http import bearer_key
 
 _PREFIX = "/accounts/"
 _SUFFIX = "/token"

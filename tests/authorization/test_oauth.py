@@ -22,7 +22,7 @@ from sqlalchemy import update
 
 from service.authorization import repository as pending_repo
 from service.authorization.endpoints import _prefers_json
-from service.authorization.service import parse_pasted, redirect_uri_problem, s256
+from service.authorization.redirects import parse_pasted, redirect_uri_problem, s256
 from service.errors import InvalidInput
 from service.kit import timeutil
 from service.models import PendingAuthorization

@@ -21,8 +21,8 @@ from service.idp.azure_ad import (
     TokenGrant,
     endpoint_style,
     resource_of,
-    sanitize_description,
 )
+from service.idp.redaction import sanitize_description
 from service.kit.outbound import OutboundPolicy
 
 NOW = 1_700_000_000.0

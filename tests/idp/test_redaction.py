@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import pytest
 
-from service.idp.azure_ad import sanitize_description
+from service.idp.redaction import sanitize_description
 
 SECRET = "Qx7~Secret.Value_0123-abcd"
 

@@ -19,6 +19,7 @@ import respx
 from service import migrate
 from service.kit import timeutil
 from service.proxy import repository as proxy_repo
+from service.tokens.response import CachedToken
 from tests.conftest import (
     ADMIN_KEY,
     API_URL,
@@ -234,7 +235,7 @@ async def test_many_callers_rejected_together_cost_one_refresh_and_each_is_resen
     assert f'broker_proxy_requests_total{{outcome="refreshed_retry"}} {float(callers)}' in metrics
     # A caller who saw the old token rejected after the refresh gets the new token, no second refresh.
     later = await app.ctx.proxy.renewer.renew(
-        account, app.ctx.broker.cache[account].__class__(account, "at-old", 0.0, 0.0, 0, API_URL, 0.0)
+        account, CachedToken(account, "at-old", 0.0, 0.0, 0, API_URL, 0.0)
     )
     assert later.access_token == "at-new"
     assert token_route.call_count == 2

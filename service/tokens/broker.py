@@ -65,10 +65,12 @@ class TokenBroker:
         self._metrics = metrics
         self._keyring = keyring
         self.clock = clock
+        # Every part reads the broker's clock through this, so one replacement moves them all.
+        now = self.now
         self.cache = cache or TokenCache(
             margin=settings.refresh_margin_seconds, rng=rng, secrets=secrets, metrics=metrics
         )
-        self.holds = HoldBook(clock=clock, forced_every=settings.forced_refresh_interval_seconds)
+        self.holds = HoldBook(clock=now, forced_every=settings.forced_refresh_interval_seconds)
         self.memory = AccountMemory(self.cache, self.holds)
         self.limiter = RefreshLimiter.for_slots(settings.max_concurrent_refreshes)
         bind = sessions.kw.get("bind")
@@ -88,7 +90,7 @@ class TokenBroker:
             memory=self.memory,
             limiter=self.limiter,
             liveness=self.liveness,
-            clock=clock,
+            clock=now,
             rng=rng,
         )
         self.default_account_id: str | None = None

@@ -562,7 +562,7 @@ def test_the_broker_gets_discovery_and_token_review_rights(deployment: dict[str,
 
     patch = yaml.safe_load((SA_DIR / SA_PATCH).read_text(encoding="utf-8"))
     pod = patch["spec"]["template"]["spec"]
-    account = _sa_one("broker-serviceaccount.yaml", "ServiceAccount")["metadata"]
+    account = yaml.safe_load((SA_DIR.parent / "serviceaccount.yaml").read_text(encoding="utf-8"))["metadata"]
     assert pod["serviceAccountName"] == account["name"]
     assert patch["metadata"]["name"] == deployment["metadata"]["name"]
     for filename, role in (
@@ -607,5 +607,6 @@ def test_service_account_component_builds(tmp_path: Path) -> None:
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(broker, version, strict=True)
     mounts = {m["mountPath"] for m in _container(broker)["volumeMounts"]}
-    assert mounts == {"/tmp", "/var/run/secrets/token-broker"}
+    # The base projects the federated token (credentials); the Component adds the cluster identity.
+    assert mounts == {"/tmp", "/var/run/secrets/azure/tokens", "/var/run/secrets/token-broker"}
     assert broker["spec"]["template"]["spec"]["serviceAccountName"] == "token-broker"

@@ -549,7 +549,12 @@ async def test_refresh_in_on_the_route_and_the_fast_path_with_a_fake_clock(
     stale = (await running.client.get(url, headers=client())).json()
     assert stale["access_token"] == "at-1"
     assert stale["refresh_in"] == 0
-    assert set(stale) == {"access_token", "token_type", "expires_in", "refresh_in", "expires_at"} | {
+    while broker.refreshes_in_flight:
+        await asyncio.sleep(0.01)
+    fresh = (await running.client.get(url, headers=client())).json()
+    assert fresh["access_token"] == "at-2"
+    assert fresh["refresh_in"] == max(0, int(broker.cache.get(account_id).refresh_at - now[0]))
+    assert set(fresh) == {"access_token", "token_type", "expires_in", "refresh_in", "expires_at"} | {
         "api_url",
         "account_id",
     }

@@ -186,6 +186,58 @@ async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Ac
     return (account, state) if account is not None and account.id == account_id else None
 
 
+async def lock_account_states_many(
+    session: AsyncSession, account_ids: Sequence[str], *, skip_locked: bool
+) -> dict[str, tuple[Account, AccountState]]:
+    """Lock the token rows of ``account_ids`` in one statement, then read their accounts fresh.
+
+    Rows are locked in key order, whoever asks, so two such batches never deadlock. With
+    ``skip_locked`` a row another transaction holds is left out at once instead of waited for
+    (so is a deleted account: the caller cannot tell them apart and asks for that one alone)."""
+    wanted = {i for i in account_ids if storable_id(i)}
+    if not wanted:
+        return {}
+    states = (
+        await session.execute(
+            select(AccountState)
+            .where(AccountState.account_id.in_(sorted(wanted)))
+            .with_for_update(skip_locked=skip_locked)
+            .execution_options(populate_existing=True)
+        )
+    ).scalars()
+    locked = {s.account_id: s for s in states if s.account_id in wanted}  # exact ids only
+    if not locked:
+        return {}
+    accounts = (
+        (
+            await session.execute(
+                select(Account)
+                .where(Account.id.in_(sorted(locked)))
+                .execution_options(populate_existing=True)
+            )
+        )
+        .unique()
+        .scalars()
+    )
+    return {a.id: (a, locked[a.id]) for a in accounts if a.id in locked}
+
+
+async def lock_account_versions(
+    session: AsyncSession, account_ids: Sequence[str], *, skip_locked: bool
+) -> dict[str, int]:
+    """Lock the seed rows of ``account_ids`` (after their token rows) and return each VERSION;
+    with ``skip_locked`` a row another transaction holds is left out, as a deleted one is."""
+    wanted = set(account_ids)
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(Account.id, Account.version)
+        .where(Account.id.in_(sorted(wanted)))
+        .with_for_update(skip_locked=skip_locked)
+    )
+    return {i: v or 0 for i, v in rows if i in wanted}
+
+
 async def lock_account_version(session: AsyncSession, account_id: str) -> int | None:
     """Lock the account's seed row and return its VERSION (None: deleted)."""
     row = (

@@ -37,7 +37,8 @@ async def record_failure(
     retry_after: float,
     also: Mapping[str, Any] | None = None,
 ) -> None:
-    """Store what went wrong and commit (the caller gets an error, the history keeps it).
+    """Write what went wrong, without committing: the caller commits it, although its caller gets
+    an error (the history keeps it).
 
     A person must act on an ``ActionRequired``; anything else is transient and waits until
     ``retry_at`` (``retry_after`` seconds from now) before Azure is asked again."""
@@ -81,7 +82,6 @@ async def record_failure(
             kind="status_changed",
             detail={"from": state.status, "to": status, "code": values["last_error_code"]},
         )
-    await session.commit()
 
 
 async def record_grant(

@@ -3,6 +3,7 @@ lock each replica holds while it lives (its claims are taken over once the lock 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select, text, update
@@ -30,6 +31,19 @@ async def set_claim(
     await session.execute(
         update(AccountState)
         .where(AccountState.account_id == account_id)
+        .values(refresh_claim_owner=owner, refresh_claim_id=claim_id, refresh_claim_expires_at=expires_at)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def set_claims(
+    session: AsyncSession, account_ids: Sequence[str], *, owner: str, claim_id: str, expires_at: datetime
+) -> None:
+    """Write this replica's claim on each account's refresh, in one statement (the caller holds
+    the rows' locks). One claim id serves a whole batch: it tells claims on one account apart."""
+    await session.execute(
+        update(AccountState)
+        .where(AccountState.account_id.in_(sorted(account_ids)))
         .values(refresh_claim_owner=owner, refresh_claim_id=claim_id, refresh_claim_expires_at=expires_at)
         .execution_options(synchronize_session=False)
     )

@@ -14,6 +14,7 @@ import math
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.accounts import repository as accounts_repo
+from service.accounts.credentials import AccountSecrets
 from service.accounts.status import Status
 from service.errors import (
     ActionRequired,
@@ -61,6 +62,14 @@ async def lock_seed_row(
     if await accounts_repo.lock_account_version(session, account.id) == (account.version or 0):
         return account, state
     return await accounts_repo.get_account(session, account.id)
+
+
+def asked_with(secrets: AccountSecrets, account: Account, state: AccountState) -> Asked:
+    """What Azure would be asked with now (the secrets unsealed from the rows)."""
+    refresh_token = ""
+    if state.grant_type == "authorization_code":
+        refresh_token = secrets.refresh_token(account)
+    return state.grant_type, secrets.credentials(account), refresh_token
 
 
 def grant_inputs(asked: Asked) -> Asked:

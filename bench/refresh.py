@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
+
+from bench.loadgen import Connection
 
 ROOT = Path(__file__).resolve().parent.parent
 MYSQL_SERVER = os.environ.get("BROKER_BENCH_MYSQL_URL", "mysql+aiomysql://root@127.0.0.1:3306")
@@ -153,37 +156,34 @@ async def seed(url: str, fake: Any, count: int) -> list[str]:
 
 
 async def wave(urls: list[str], ids: list[str], callers: int) -> dict[str, Any]:
-    """``callers`` loops, each taking the next account (round-robin over the replicas)."""
+    """``callers`` loops, each taking the next account (round-robin over the replicas), each on
+    its own keep-alive connection to every replica (bench/loadgen.py)."""
     queue = list(enumerate(ids))
     waits: list[float] = []
     statuses: Counter[str] = Counter()
-    clients = [
-        httpx.AsyncClient(
-            base_url=u,
-            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-            timeout=90,
-            limits=httpx.Limits(max_connections=callers),
-            trust_env=False,
-        )
-        for u in urls
-    ]
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
 
     async def caller() -> None:
-        while queue:
-            i, account_id = queue.pop()
-            started = time.perf_counter()
-            try:
-                r = await clients[i % len(clients)].get(f"/accounts/{account_id}/token")
-                statuses[str(r.status_code)] += 1
-            except httpx.HTTPError as exc:
-                statuses[type(exc).__name__] += 1
-            waits.append(time.perf_counter() - started)
+        connections = [Connection(u, headers) for u in urls]
+        try:
+            while queue:
+                i, account_id = queue.pop()
+                started = time.perf_counter()
+                try:
+                    status, _ = await asyncio.wait_for(
+                        connections[i % len(urls)].get(f"/accounts/{account_id}/token"), 90
+                    )
+                    statuses[str(status)] += 1
+                except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                    statuses[type(exc).__name__] += 1
+                waits.append(time.perf_counter() - started)
+        finally:
+            for connection in connections:
+                await connection.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(callers)))
     elapsed = time.perf_counter() - started
-    for client in clients:
-        await client.aclose()
     waits.sort()
     return {
         "elapsed_s": round(elapsed, 2),
@@ -224,7 +224,7 @@ def run_design(
                 with replicas(root, env, count, logs) as running:
                     fake.control("reset")
                     before = sum(cpu_seconds(pid) for _, pid in running)
-                    figures = asyncio.run(wave([u for u, _ in running], ids, callers))
+                    figures = uvloop.run(wave([u for u, _ in running], ids, callers))
                     figures["broker_cpu_s"] = round(sum(cpu_seconds(pid) for _, pid in running) - before, 1)
                     figures["idp_calls"] = fake.stats()["token_calls"]
                 figures.update(design=name, replicas=count, accounts=accounts)
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=200)
     parser.add_argument("--old", default=OLD_DESIGN, help="the commit of the old design ('' to skip)")
     parser.add_argument("--replicas", default="1,3")
+    parser.add_argument("--logs", default="", help="keep the replicas' logs in this directory")
     opts = parser.parse_args(argv)
     accounts = opts.accounts or (300 if opts.quick else 2000)
     counts = [int(c) for c in opts.replicas.split(",")]
@@ -305,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory per cached token (1,500-character access token): {per_token:.0f} bytes", flush=True)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-refresh-") as tmp:
-        results += run_design("claims", ROOT, accounts, opts.callers, counts, Path(tmp))
+        logs = Path(opts.logs) if opts.logs else Path(tmp)
+        results += run_design("claims", ROOT, accounts, opts.callers, counts, logs)
         if opts.old:
             with old_tree(opts.old) as old:
-                results += run_design("rowlock", old, accounts, opts.callers, counts, Path(tmp))
+                results += run_design("rowlock", old, accounts, opts.callers, counts, logs)
     out = ROOT / "bench" / "results" / "refresh.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -201,13 +201,19 @@ def clear_tokens(database: str) -> None:
 
 
 def run_design(
-    name: str, root: Path, accounts: int, callers: int, counts: list[int], tmp: Path
+    name: str,
+    root: Path,
+    accounts: int,
+    callers: int,
+    counts: list[int],
+    tmp: Path,
+    extra_env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     from tests.fake_idp import running_fake_idp
 
     database = f"bench_refresh_{name}_{secrets.token_hex(3)}"
     _sql(f"CREATE DATABASE {database} CHARACTER SET utf8mb4")
-    env = _env(root, database, tmp)
+    env = {**_env(root, database, tmp), **(extra_env or {})}
     logs = tmp / name
     logs.mkdir(parents=True, exist_ok=True)
     subprocess.run(
@@ -237,7 +243,7 @@ def run_design(
 
 def line(f: dict[str, Any]) -> str:
     return (
-        f"{f['design']:>6} x{f['replicas']}: {f['accounts']} accounts in {f['elapsed_s']} s = "
+        f"{f['design']:>10} x{f['replicas']}: {f['accounts']} accounts in {f['elapsed_s']} s = "
         f"{f['accounts_per_s']}/s, wait p50 {f['p50_wait_s']} s p99 {f['p99_wait_s']} s, "
         f"503s {f['503s']}, IdP calls {f['idp_calls']} (N={f['accounts']}), "
         f"broker CPU {f['broker_cpu_s']} s, "
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--callers", type=int, default=200)
     parser.add_argument("--old", default=OLD_DESIGN, help="the commit of the old design ('' to skip)")
     parser.add_argument("--replicas", default="1,3")
+    parser.add_argument(
+        "--slots", type=int, default=256, help="also run with this many refresh slots per replica (0: skip)"
+    )
     parser.add_argument("--logs", default="", help="keep the replicas' logs in this directory")
     opts = parser.parse_args(argv)
     accounts = opts.accounts or (300 if opts.quick else 2000)
@@ -308,9 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-refresh-") as tmp:
         logs = Path(opts.logs) if opts.logs else Path(tmp)
         results += run_design("claims", ROOT, accounts, opts.callers, counts, logs)
+        if opts.slots:
+            # The same design with more refresh slots: when the figures do not move, the slot
+            # count is not what limits them (the CPU is).
+            slots = {"BROKER_MAX_CONCURRENT_REFRESHES": str(opts.slots)}
+            results += run_design(f"claims/{opts.slots}", ROOT, accounts, opts.callers, counts, logs, slots)
         if opts.old:
             with old_tree(opts.old) as old:
-                results += run_design("rowlock", old, accounts, opts.callers, counts, logs)
+                # The old design's host patterns carry no port ("127.0.0.1" matched any port).
+                hosts = {"BROKER_ALLOWED_HOSTS": "127.0.0.1"}
+                results += run_design("rowlock", old, accounts, opts.callers, counts, logs, hosts)
     out = ROOT / "bench" / "results" / "refresh.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -94,6 +94,13 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'broker.db'}"
 
 
+@pytest.fixture
+async def mysql_settings(mysql_url: str, tmp_path: Path) -> Settings:
+    """Settings over a fresh, migrated MariaDB database (for tests of MariaDB alone)."""
+    await migrate.upgrade(mysql_url)
+    return make_settings(mysql_url, tmp_path)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """Each test using this runs twice: on SQLite and on MariaDB."""

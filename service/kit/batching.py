@@ -4,8 +4,9 @@ Invariants:
 * Every submitted item is handled exactly once, in a batch of at most ``max_size`` items, and its
   submitter gets that item's own result, or its own exception (the handler returns one per item,
   in order). A batch that fails as a whole fails each of its items with that exception.
-* At most ``concurrency`` batches run at once. A lone item starts at once: there is no timer, so
-  batching costs no latency; it comes only from items arriving while batches run.
+* At most ``concurrency`` batches run at once. A lone item starts on the event loop's next turn:
+  there is no timer, so batching costs no latency; it comes from items arriving in the same turn
+  (callers woken together) and while batches run.
 * A submitter that is cancelled does not cancel its batch (the other items' submitters wait for
   it); its item's result is dropped.
 * ``max_size`` and ``concurrency`` bound what one batch holds (rows locked, a connection) and how
@@ -34,6 +35,7 @@ class Batcher(Generic[T, R]):
         self._concurrency = concurrency
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        self._start_soon: asyncio.Handle | None = None
         self.batches = 0  # batches handled so far (a figure for tests and benchmarks)
         self.items = 0
 
@@ -48,12 +50,14 @@ class Batcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
-        self._start()
+        if self._start_soon is None:
+            self._start_soon = asyncio.get_running_loop().call_soon(self._start)
         # The batch resolves the future; shielding it keeps a cancelled submitter from marking
         # the shared work cancelled (the batch still runs and sees a done future: dropped).
         return await asyncio.shield(future)
 
     def _start(self) -> None:
+        self._start_soon = None
         while self._queue and len(self._running) < self._concurrency:
             size = min(self._max_size, len(self._queue))
             batch = [self._queue.popleft() for _ in range(size)]

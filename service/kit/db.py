@@ -20,8 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service.errors import StorageUnavailable, UpstreamUnavailable
 from service.settings import Settings
 
-# MySQL connections kept per replica, and as many more under load. The broker lets at most half
-# of them wait on Azure (tokens/limiter.py); probes, the sync and the admin API use the rest.
+# MySQL connections kept per replica, and as many more under load. No connection waits on Azure:
+# refreshes take at most 3 + 3 of them for their batched transactions (tokens/refresh.py), each for
+# a few milliseconds; probes, the sync, the replica lock and the admin API use the rest.
 POOL_SIZE = 10
 
 

@@ -24,18 +24,6 @@ async def accounts_with_tokens(
     return [(a, s) for a, s in rows]
 
 
-async def set_claim(
-    session: AsyncSession, account_id: str, *, owner: str, claim_id: str, expires_at: datetime
-) -> None:
-    """Write this replica's claim on the account's refresh (the caller holds the row lock)."""
-    await session.execute(
-        update(AccountState)
-        .where(AccountState.account_id == account_id)
-        .values(refresh_claim_owner=owner, refresh_claim_id=claim_id, refresh_claim_expires_at=expires_at)
-        .execution_options(synchronize_session=False)
-    )
-
-
 async def set_claims(
     session: AsyncSession, account_ids: Sequence[str], *, owner: str, claim_id: str, expires_at: datetime
 ) -> None:

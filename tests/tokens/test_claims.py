@@ -28,12 +28,6 @@ from tests.tokens.test_tokens import Held, create, form, stored_refresh_token
 pytestmark = pytest.mark.mysql
 
 
-@pytest.fixture
-async def mysql_settings(mysql_url: str, tmp_path: Path) -> Settings:
-    await migrate.upgrade(mysql_url)
-    return make_settings(mysql_url, tmp_path)
-
-
 @asynccontextmanager
 async def two_replicas(
     settings: Settings, run_app: Callable[[Settings], Any]

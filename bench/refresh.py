@@ -211,7 +211,7 @@ def run_design(
 ) -> list[dict[str, Any]]:
     from tests.fake_idp import running_fake_idp
 
-    database = f"bench_refresh_{name}_{secrets.token_hex(3)}"
+    database = f"bench_refresh_{name.replace('/', '_')}_{secrets.token_hex(3)}"
     _sql(f"CREATE DATABASE {database} CHARACTER SET utf8mb4")
     env = {**_env(root, database, tmp), **(extra_env or {})}
     logs = tmp / name

@@ -6,10 +6,8 @@ Invariants:
   claims are written in one statement, one commit stores them with any failure found. A wave of
   cold accounts costs a few statements per batch, not per account.
 * A batch never waits on a lock (``SKIP LOCKED``): an account whose row another transaction
-  holds, or that is in the batch twice, is answered ``SKIPPED`` and claimed alone (``alone``),
-  waiting for its lock as a single refresh would, at most the lock timeout. So a batch cannot
-  deadlock, and one busy account holds no other up. A batch the database fails as a whole is
-  answered ``SKIPPED`` too, each account then tried alone.
+  holds is claimed alone, waiting for its lock as a single refresh would (steps.py). So a batch
+  cannot deadlock, and one busy account holds no other up.
 * Per account the decision is the single refresh's: the stored token when it will do (``need``
   seconds left, or another replica refreshed since ``seen``); else a stored wait or refusal;
   else ``Wait`` while a live replica's unexpired claim stands; else this replica's claim (or,
@@ -36,8 +34,6 @@ from service.errors import (
     AccountNotFound,
     BrokerError,
     NeedsAuthorization,
-    StorageUnavailable,
-    UpstreamUnavailable,
 )
 from service.kit import timeutil
 from service.metrics import Metrics
@@ -49,6 +45,7 @@ from service.tokens.claims import Claim, ReplicaLiveness, Unread, Wait
 from service.tokens.failures import Failures
 from service.tokens.memory import AccountMemory
 from service.tokens.response import CachedToken
+from service.tokens.steps import SKIPPED, BatchStep, Skipped
 
 log = logging.getLogger("service.broker")
 
@@ -65,16 +62,12 @@ class Ask:
     refreshed_before: datetime | None
 
 
-class Skipped:
-    """Not decided in this batch: decided alone."""
-
-
-SKIPPED = Skipped()
-
 Claimed = CachedToken | Claim | Wait
 
 
-class ClaimStep:
+class ClaimStep(BatchStep[Ask, "Claimed"]):
+    kind = "claim"
+
     def __init__(
         self,
         *,
@@ -97,26 +90,6 @@ class ClaimStep:
         self._failures = failures
         self._clock = clock
         self._min_ttl = float(settings.min_token_ttl_seconds)
-
-    async def __call__(self, asks: list[Ask]) -> list[Claimed | Skipped | BaseException]:
-        """A batch (the Batcher's handler)."""
-        try:
-            return await self._run(asks, skip_locked=True)
-        except (StorageUnavailable, UpstreamUnavailable) as exc:
-            if len(asks) == 1:
-                raise
-            log.warning(
-                "claim batch failed; its accounts are claimed one by one", extra={"reason": exc.reason}
-            )
-            return [SKIPPED] * len(asks)
-
-    async def alone(self, ask: Ask) -> Claimed:
-        """One account, waiting for its row's lock."""
-        result = (await self._run([ask], skip_locked=False))[0]
-        if isinstance(result, BaseException):
-            raise result
-        assert not isinstance(result, Skipped)  # alone, nothing is skipped
-        return result
 
     async def _run(self, asks: list[Ask], *, skip_locked: bool) -> list[Claimed | Skipped | BaseException]:
         results: list[Claimed | Skipped | BaseException] = [SKIPPED] * len(asks)

@@ -39,12 +39,13 @@ from service.kit.db import open_session
 from service.metrics import Metrics
 from service.models import Account
 from service.settings import Settings
-from service.tokens.claiming import Ask, Claimed, ClaimStep, Skipped
+from service.tokens.claiming import Ask, Claimed, ClaimStep
 from service.tokens.claims import Claim, ReplicaLiveness, Unread, Wait
 from service.tokens.failures import Failures
 from service.tokens.limiter import RefreshLimiter
 from service.tokens.memory import AccountMemory
 from service.tokens.response import CachedToken
+from service.tokens.steps import Skipped
 from service.tokens.storing import Answer, Landing, StoreStep
 
 log = logging.getLogger("service.broker")

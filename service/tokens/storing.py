@@ -7,9 +7,8 @@ Invariants:
   one commit stores them all. The rotated refresh token and its access token are written in the
   same transaction, and a caller gets the token only after it committed.
 * A batch never waits on a lock (``SKIP LOCKED``): an answer whose rows another transaction
-  holds is answered ``SKIPPED`` and stored alone (``alone``), waiting for the lock. A batch the
-  database fails as a whole is answered ``SKIPPED`` too, so each answer is tried alone before
-  any is given up.
+  holds is stored alone, waiting for the lock; a batch the database fails is stored one answer
+  at a time before any is given up (steps.py).
 * Per account, as for a single store: a result is stored when nothing was stored since its claim
   read the row. A result arriving after its claim was taken over, but before the taker stored,
   is the newest and is stored (its rotated refresh token is not lost); once another result was
@@ -33,7 +32,6 @@ from service.errors import (
     AccountNotFound,
     ActionRequired,
     BrokerError,
-    StorageUnavailable,
     UpstreamUnavailable,
 )
 from service.idp.azure_ad import TokenGrant
@@ -43,11 +41,11 @@ from service.models import Account, AccountState
 from service.settings import Settings
 from service.tokens import outcome, stored
 from service.tokens import repository as repo
-from service.tokens.claiming import SKIPPED, Skipped
 from service.tokens.claims import CLEAR_CLAIM, Claim
 from service.tokens.failures import Failures
 from service.tokens.memory import AccountMemory
 from service.tokens.response import CachedToken
+from service.tokens.steps import SKIPPED, BatchStep, Skipped
 from service.tokens.stored import Asked
 
 log = logging.getLogger("service.broker")
@@ -63,7 +61,9 @@ class Landing:
     answer: Answer
 
 
-class StoreStep:
+class StoreStep(BatchStep[Landing, CachedToken]):
+    kind = "store"
+
     def __init__(
         self,
         *,
@@ -85,24 +85,6 @@ class StoreStep:
         self._failures = failures
         self._clock = clock
         self._min_ttl = float(settings.min_token_ttl_seconds)
-
-    async def __call__(self, landings: list[Landing]) -> list[CachedToken | Skipped | BaseException]:
-        """A batch (the Batcher's handler)."""
-        try:
-            return await self._run(landings, skip_locked=True)
-        except (StorageUnavailable, UpstreamUnavailable) as exc:
-            if len(landings) == 1:
-                raise
-            log.warning("store batch failed; its answers are stored one by one", extra={"reason": exc.reason})
-            return [SKIPPED] * len(landings)
-
-    async def alone(self, landing: Landing) -> CachedToken:
-        """One answer, waiting for its rows' locks."""
-        result = (await self._run([landing], skip_locked=False))[0]
-        if isinstance(result, BaseException):
-            raise result
-        assert not isinstance(result, Skipped)  # alone, nothing is skipped
-        return result
 
     async def _run(
         self, landings: list[Landing], *, skip_locked: bool

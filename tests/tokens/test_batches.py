@@ -15,8 +15,9 @@ from sqlalchemy import select
 from service.errors import StorageUnavailable
 from service.models import AccountState
 from service.settings import Settings
-from service.tokens.claiming import SKIPPED, Ask
+from service.tokens.claiming import Ask
 from service.tokens.claims import UNREAD, Claim
+from service.tokens.steps import SKIPPED
 from service.tokens.storing import Landing
 from tests.conftest import TOKEN_URL_V1, sql_statements, v1_token
 from tests.tokens.test_tokens import create, form, stored_refresh_token

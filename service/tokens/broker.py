@@ -2,8 +2,9 @@
 
 A thin facade over parts that each keep one invariant: the token cache (``cache.py``), the hold
 book (``holds.py``), both owned by ``memory.py``; the single-flight (``kit/singleflight.py``); the
-refresh limiter (``limiter.py``); the refresh transaction and its claim (``refresh.py``,
-``claims.py``).
+refresh limiter (``limiter.py``); the refresh (``refresh.py``), its batched claim and store
+transactions (``claiming.py``, ``storing.py``, over ``kit/batching.py``) and the claim's owner
+(``claims.py``).
 
 Invariants kept here:
 * A token with less than ``min_token_ttl`` left is never handed out; a token with more than the

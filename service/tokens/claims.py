@@ -1,4 +1,4 @@
-"""A refresh claim (what refresh.py writes on the token row) and whether its owner still lives.
+"""A refresh claim (what claiming.py writes on the token row) and whether its owner still lives.
 
 Invariants:
 * On MySQL/MariaDB each replica holds the named lock ``broker-replica-<id>`` on one dedicated

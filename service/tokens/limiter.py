@@ -1,9 +1,9 @@
 """How many refreshes this process runs at once.
 
 Invariants:
-* At most ``slots`` refreshes (``BROKER_MAX_CONCURRENT_REFRESHES``) are at Azure at once. None
-  holds a database connection while Azure answers (refresh.py), so the limit is independent of
-  the pool: it bounds outbound calls, and the memory and CPU they cost.
+* At most ``slots`` refreshes (``BROKER_MAX_CONCURRENT_REFRESHES``) are claiming or at Azure at
+  once. None holds a database connection while Azure answers (refresh.py), so the limit is
+  independent of the pool: it bounds outbound calls, and the memory and CPU they cost.
 * Background refreshes (of tokens still being served) start only while fewer than
   ``background_slots`` refreshes run, so callers with no usable token are not queued behind them.
   The check and the taking of a slot happen with no await in between.

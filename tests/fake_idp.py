@@ -13,25 +13,19 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import secrets
-import select
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import httpx
 import jwt
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from starlette.applications import Starlette
@@ -39,11 +33,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from tests import helpers
+from tests import fake_process, helpers
 
 TOKEN_MODES = ("down", "throttle", "slow", "garbage", "invalid_client", "hold")  # act on token calls only
 MODES = ("normal", *TOKEN_MODES, "deny_authorize", "whoami_forbidden")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 HOLD_LIMIT = 120.0  # a held request goes on by itself after this many seconds
 NS = uuid.UUID("6f0e5b1c-2c55-4d8e-9a55-0d1f1a2b3c4d")
 DEFAULTS = {"mode": "normal", "retry_after": 1, "delay": 0.5, "token_ttl": 3599}
@@ -565,25 +558,7 @@ def build_app(state: FakeIdpState | None = None) -> Starlette:
 
 async def serve(host: str, port: int, **settings: Any) -> None:
     """Listen on host:port (0: any free port), print READY with the real URL, serve until signalled."""
-    sock = socket.socket(socket.AF_INET)  # bound here so that port 0 works and the real port is known
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    app = build_app(FakeIdpState(**settings))
-    config = uvicorn.Config(
-        app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
-    )
-    await _ReadyServer(config, f"http://{host}:{sock.getsockname()[1]}").serve([sock])
-
-
-class _ReadyServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, url: str) -> None:
-        super().__init__(config)
-        self.url = url
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            print(f"READY {self.url}", flush=True)
+    await fake_process.serve(build_app(FakeIdpState(**settings)), fake_process.listening_socket(host, port))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -620,23 +595,6 @@ class FakeIdpHandle:
         return response.json()  # type: ignore[no-any-return]
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline, buffer = time.monotonic() + timeout, b""
-    while b"\n" not in buffer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
-            raise TimeoutError(f"fake IdP did not print READY within {timeout} s")
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            raise RuntimeError(f"fake IdP exited with {proc.wait()} before READY")
-        buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    if not line.startswith("READY "):
-        raise RuntimeError(f"fake IdP printed {line!r} instead of READY")
-    return line.split(" ", 1)[1].strip()
-
-
 def account_body(
     fake_url: str,
     *,
@@ -664,31 +622,19 @@ def running_fake_idp(
     *, clients: Any = (), refresh_tokens: Any = (), ready_timeout: float = 20.0, **mode: Any
 ) -> Iterator[FakeIdpHandle]:
     """Run the fake in a subprocess; seed ``clients``/``refresh_tokens`` (control bodies) and ``mode``."""
-    command = [sys.executable, "-m", "tests.fake_idp", "--host", "127.0.0.1", "--port", "0"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")])),
-    }
-    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE) as proc:
-        try:
-            url = _wait_ready(proc, ready_timeout)
-            with httpx.Client(base_url=url, timeout=10.0, trust_env=False) as client:
-                handle = FakeIdpHandle(url, proc, client)
-                for body in clients:
-                    handle.control("clients", body)
-                for body in refresh_tokens:
-                    handle.control("refresh_tokens", body)
-                if mode:
-                    handle.control("mode", mode)
-                yield handle
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    command = fake_process.module_command("tests.fake_idp")
+    with (
+        fake_process.running(command, name="fake IdP", ready_timeout=ready_timeout) as (url, proc),
+        httpx.Client(base_url=url, timeout=10.0, trust_env=False) as client,
+    ):
+        handle = FakeIdpHandle(url, proc, client)
+        for body in clients:
+            handle.control("clients", body)
+        for body in refresh_tokens:
+            handle.control("refresh_tokens", body)
+        if mode:
+            handle.control("mode", mode)
+        yield handle
 
 
 if __name__ == "__main__":

@@ -17,9 +17,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,14 +25,13 @@ from typing import Any
 
 import httpx
 import jwt
-import uvicorn
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fake_idp import REPO_ROOT, _ReadyServer, _wait_ready
+from tests import fake_process
 
 JWKS_PATH = "/openid/v1/jwks"
 
@@ -114,20 +110,8 @@ def build_app(state: IssuerState) -> Starlette:
 
 
 async def serve(host: str, port: int) -> None:
-    import socket
-
-    sock = socket.socket(socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    config = uvicorn.Config(
-        build_app(IssuerState(url=url)),
-        log_level="warning",
-        lifespan="off",
-        access_log=False,
-        timeout_graceful_shutdown=1,
-    )
-    await _ReadyServer(config, url).serve([sock])
+    sock = fake_process.listening_socket(host, port)
+    await fake_process.serve(build_app(IssuerState(url=fake_process.url_of(sock))), sock)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,24 +200,12 @@ class FakeIssuerHandle:
 @contextlib.contextmanager
 def running_fake_issuer(ready_timeout: float = 20.0) -> Iterator[FakeIssuerHandle]:
     """Run the fake issuer in a subprocess on a free port."""
-    command = [sys.executable, "-m", "tests.keys.fake_issuer", "--host", "127.0.0.1", "--port", "0"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")])),
-    }
-    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE) as proc:
-        try:
-            url = _wait_ready(proc, ready_timeout)
-            with httpx.Client(base_url=url, timeout=10.0, trust_env=False) as client:
-                yield FakeIssuerHandle(url, client)
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    command = fake_process.module_command("tests.keys.fake_issuer")
+    with (
+        fake_process.running(command, name="fake issuer", ready_timeout=ready_timeout) as (url, _),
+        httpx.Client(base_url=url, timeout=10.0, trust_env=False) as client,
+    ):
+        yield FakeIssuerHandle(url, client)
 
 
 if __name__ == "__main__":

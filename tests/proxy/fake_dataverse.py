@@ -24,27 +24,22 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import secrets
-import select
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests import fake_process
+
 API_PREFIX = "/api/data/v9.2"
 DEFAULTS: dict[str, Any] = {
     "client_secret": "dv-secret",
@@ -218,28 +213,8 @@ def build_app() -> Starlette:
     return app
 
 
-class _ReadyServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, url: str) -> None:
-        super().__init__(config)
-        self.url = url
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if self.started:
-            print(f"READY {self.url}", flush=True)
-
-
 async def serve(host: str, port: int) -> None:
-    sock = socket.socket(socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # Accepted connections inherit it: without it a response's header and body writes meet
-    # Nagle and delayed ACKs (40 ms a request), which would dwarf what the benchmark measures.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    config = uvicorn.Config(
-        build_app(), log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=1
-    )
-    await _ReadyServer(config, f"http://{host}:{sock.getsockname()[1]}").serve([sock])
+    await fake_process.serve(build_app(), fake_process.listening_socket(host, port))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -287,45 +262,18 @@ class FakeDataverse:
     config_secret: str = DEFAULTS["client_secret"]
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    deadline, buffer = time.monotonic() + timeout, b""
-    while b"\n" not in buffer:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([proc.stdout], [], [], remaining)[0]:
-            raise TimeoutError(f"fake Dataverse did not print READY within {timeout} s")
-        chunk = os.read(proc.stdout.fileno(), 4096)
-        if not chunk:
-            raise RuntimeError(f"fake Dataverse exited with {proc.wait()} before READY")
-        buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    if not line.startswith("READY "):
-        raise RuntimeError(f"fake Dataverse printed {line!r} instead of READY")
-    return line.split(" ", 1)[1].strip()
-
-
 @contextlib.contextmanager
 def running_fake_dataverse(ready_timeout: float = 20.0, **config: Any) -> Iterator[FakeDataverse]:
     """Run the fake in a subprocess, configured with ``config`` (see ``DEFAULTS``)."""
-    command = [sys.executable, "-m", "tests.proxy.fake_dataverse", "--host", "127.0.0.1", "--port", "0"]
-    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.getenv("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    with subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE) as proc:
-        try:
-            url = _wait_ready(proc, ready_timeout)
-            with httpx.Client(base_url=url, timeout=10.0, trust_env=False) as client:
-                fake = FakeDataverse(url, proc, client)
-                if config:
-                    fake.control("mode", config)
-                yield fake
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+    command = fake_process.module_command("tests.proxy.fake_dataverse")
+    with (
+        fake_process.running(command, name="fake Dataverse", ready_timeout=ready_timeout) as (url, proc),
+        httpx.Client(base_url=url, timeout=10.0, trust_env=False) as client,
+    ):
+        fake = FakeDataverse(url, proc, client)
+        if config:
+            fake.control("mode", config)
+        yield fake
 
 
 if __name__ == "__main__":

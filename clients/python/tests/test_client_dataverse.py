@@ -110,19 +110,11 @@ class Stack:
 
 @contextlib.contextmanager
 def _fake_dataverse(cert: Path, key: Path) -> Iterator[str]:
-    from tests.fake_idp import _wait_ready
+    from tests import fake_process
 
     command = [sys.executable, str(HERE / "fake_dataverse.py"), "--cert", str(cert), "--key", str(key)]
-    with subprocess.Popen(command, cwd=HERE, stdout=subprocess.PIPE) as proc:
-        try:
-            yield _wait_ready(proc, 20.0)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with fake_process.running(command, name="fake Dataverse (TLS)", cwd=HERE) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,12 @@ class Batcher(Generic[T, R]):
         # the shared work cancelled (the batch still runs and sees a done future: dropped).
         return await asyncio.shield(future)
 
+    async def drain(self) -> None:
+        """Return once no batch runs or waits (at shutdown: the answers being stored are kept)."""
+        await asyncio.sleep(0)  # a start scheduled for this turn goes first
+        while self._running:
+            await asyncio.wait(set(self._running))
+
     def _start(self) -> None:
         self._start_soon = None
         while self._queue and len(self._running) < self._concurrency:

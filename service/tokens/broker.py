@@ -290,4 +290,5 @@ class TokenBroker:
         # A refresh that has reached Azure is allowed to finish and commit (its rotated refresh
         # token must be stored); the shutdown timeout bounds the wait.
         await self._flights.close(grace=self._settings.shutdown_timeout_seconds / 2)
+        await self._refresher.close()
         await self.liveness.close()

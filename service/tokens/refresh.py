@@ -112,6 +112,11 @@ class Refresher:
             self.store_step, max_size=BATCH_SIZE, concurrency=BATCHES
         )
 
+    async def close(self) -> None:
+        """Let the batches under way end (a store batch holds Azure's answers)."""
+        await self.claims.drain()
+        await self.stores.drain()
+
     def open(self) -> AbstractAsyncContextManager[AsyncSession]:
         """A session whose database errors are the error tree's kinds (kit/db.py)."""
         return open_session(self.sessions, lock_timeout=LOCK_TIMEOUT)

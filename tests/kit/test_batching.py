@@ -118,6 +118,21 @@ async def test_a_cancelled_submitter_does_not_cancel_its_batch() -> None:
     assert handler.batches == [[1, 2]]  # the item that left was still handled; its result dropped
 
 
+async def test_drain_returns_once_the_batches_under_way_have_ended() -> None:
+    handler = Handler()
+    handler.gate = asyncio.Event()
+    batcher = Batcher(handler, max_size=1, concurrency=1)
+    tasks = [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+    drained = asyncio.create_task(batcher.drain())
+    await handler.entered.wait()
+    await asyncio.sleep(0)
+    assert not drained.done()  # the first batch is held; the second waits its turn
+    handler.gate.set()
+    await drained
+    assert all(t.done() for t in tasks)
+    assert handler.batches == [[1], [2]]
+
+
 def test_sizes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Batcher(Handler(), max_size=0, concurrency=1)

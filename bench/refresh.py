@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slots", type=int, default=256, help="also run with this many refresh slots per replica (0: skip)"
     )
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "refresh.json"))
     parser.add_argument("--logs", default="", help="keep the replicas' logs in this directory")
     opts = parser.parse_args(argv)
     accounts = opts.accounts or (300 if opts.quick else 2000)
@@ -327,12 +328,12 @@ def main(argv: list[str] | None = None) -> int:
                 # The old design's host patterns carry no port ("127.0.0.1" matched any port).
                 hosts = {"BROKER_ALLOWED_HOSTS": "127.0.0.1"}
                 results += run_design("rowlock", old, accounts, opts.callers, counts, logs, hosts)
-    out = ROOT / "bench" / "results" / "refresh.json"
+    out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps({"memory_per_token_bytes": round(per_token), "waves": results}, indent=2) + "\n"
     )
-    print(f"written to {out.relative_to(ROOT)}")
+    print(f"written to {out}")
     return 0
 
 

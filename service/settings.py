@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     # replica): Azure answers a token of the same lifetime, so repeating it must not redeem a
     # refresh token on every request.
     forced_refresh_interval_seconds: float = Field(default=30.0, ge=0, le=3_600)
-    # Refreshes this replica has at Azure at once (service/tokens/limiter.py); none holds a
+    # Refreshes this replica has claiming or at Azure at once (service/tokens/limiter.py); none holds a
     # database connection while Azure answers, so this is independent of the pool.
     max_concurrent_refreshes: int = Field(default=64, ge=1, le=4_096)
     backoff_base_seconds: float = Field(default=1.0, ge=0)

@@ -65,7 +65,7 @@ class Ask:
 Claimed = CachedToken | Claim | Wait
 
 
-class ClaimStep(BatchStep[Ask, "Claimed"]):
+class ClaimStep(BatchStep[Ask, Claimed]):
     kind = "claim"
 
     def __init__(

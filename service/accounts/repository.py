@@ -166,24 +166,7 @@ async def delete_account(session: AsyncSession, account_id: str) -> bool:
 
 async def lock_account_state(session: AsyncSession, account_id: str) -> tuple[Account, AccountState] | None:
     """Lock the account's token row (waits at most the lock timeout), then read both rows fresh."""
-    if not storable_id(account_id):
-        return None
-    state = (
-        await session.execute(
-            select(AccountState)
-            .where(AccountState.account_id == account_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        )
-    ).scalar_one_or_none()
-    if state is None:
-        return None
-    account = (
-        await session.execute(
-            select(Account).where(Account.id == account_id).execution_options(populate_existing=True)
-        )
-    ).scalar_one_or_none()
-    return (account, state) if account is not None and account.id == account_id else None
+    return (await lock_account_states_many(session, [account_id], skip_locked=False)).get(account_id)
 
 
 async def lock_account_states_many(
@@ -240,12 +223,7 @@ async def lock_account_versions(
 
 async def lock_account_version(session: AsyncSession, account_id: str) -> int | None:
     """Lock the account's seed row and return its VERSION (None: deleted)."""
-    row = (
-        await session.execute(
-            select(Account.id, Account.version).where(Account.id == account_id).with_for_update()
-        )
-    ).first()
-    return (row[1] or 0) if row is not None and row[0] == account_id else None
+    return (await lock_account_versions(session, [account_id], skip_locked=False)).get(account_id)
 
 
 async def credential_expiries(session: AsyncSession) -> list[tuple[str, str, datetime, str | None]]:

@@ -48,15 +48,21 @@ async def warm(running: Any, azure: respx.MockRouter) -> None:
     await running.ctx.broker.get_token(await create(running, refresh_token="rt-warm"))
 
 
+async def held_wave(running: Any, azure: respx.MockRouter, count: int) -> tuple[list[str], Rotating]:
+    """``count`` cold accounts (``rt-0``...), after a warm-up; Azure then holds its answers until
+    the returned ``Rotating``'s ``release`` is set."""
+    azure.post(TOKEN_URL_V1).mock(side_effect=Rotating())
+    await warm(running, azure)
+    ids = await accounts(running, count)
+    answers = Rotating(asyncio.Event())
+    azure.post(TOKEN_URL_V1).mock(side_effect=answers)
+    return ids, answers
+
+
 async def test_a_cold_wave_is_claimed_and_stored_in_a_few_transactions(
     running: Any, azure: respx.MockRouter
 ) -> None:
-    azure.post(TOKEN_URL_V1).mock(side_effect=Rotating())
-    await warm(running, azure)
-    ids = await accounts(running, 30)
-    release = asyncio.Event()
-    answers = Rotating(release)
-    azure.post(TOKEN_URL_V1).mock(side_effect=answers)
+    ids, answers = await held_wave(running, azure, 30)
     refresher = running.ctx.broker._refresher
     claims, stores = refresher.claims.batches, refresher.stores.batches
     with sql_statements(running) as statements:
@@ -64,7 +70,7 @@ async def test_a_cold_wave_is_claimed_and_stored_in_a_few_transactions(
         while answers.arrived < len(ids):
             await asyncio.sleep(0.001)
         assert refresher.claims.batches - claims <= 3  # the wave arrived in one turn: one batch
-        release.set()
+        answers.release.set()
         tokens = await asyncio.gather(*waiters)
     assert [t.access_token for t in tokens] == [f"at-rt-{i}" for i in range(30)]
     assert refresher.stores.batches - stores <= 3
@@ -78,12 +84,7 @@ async def test_a_cold_wave_is_claimed_and_stored_in_a_few_transactions(
 async def test_a_store_batch_the_database_fails_is_stored_one_answer_at_a_time(
     running: Any, azure: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    azure.post(TOKEN_URL_V1).mock(side_effect=Rotating())
-    await warm(running, azure)
-    ids = await accounts(running, 8)
-    release = asyncio.Event()
-    answers = Rotating(release)
-    azure.post(TOKEN_URL_V1).mock(side_effect=answers)
+    ids, answers = await held_wave(running, azure, 8)
     step = running.ctx.broker._refresher.store_step
     real_run = step._run
     failed: list[int] = []
@@ -98,7 +99,7 @@ async def test_a_store_batch_the_database_fails_is_stored_one_answer_at_a_time(
     waiters = [asyncio.create_task(running.ctx.broker.get_token(i)) for i in ids]
     while answers.arrived < len(ids):
         await asyncio.sleep(0.001)
-    release.set()
+    answers.release.set()
     tokens = await asyncio.gather(*waiters)
     assert failed
     assert max(failed) > 1
